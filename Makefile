@@ -1,0 +1,41 @@
+# vmrepo: `make demo` runs the built-in example, `make test` runs the test suite.
+# Both install what they need: Debian packages via apt-get (only those missing)
+# and a virtualenv in .venv with the project and its Python dependencies.
+
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+# command:package pairs checked before each target
+SYSTEM_DEPS := qemu-img:qemu-utils qemu-io:qemu-utils
+BENCH_DEPS := borg:borgbackup restic:restic
+
+.PHONY: demo test bench lint system-deps bench-deps clean
+
+demo: system-deps $(VENV)/.installed
+	$(PY) -m vmrepo.demo
+
+test: system-deps $(VENV)/.installed
+	$(PY) -m pytest -q $(PYTEST_ARGS)
+
+lint: $(VENV)/.installed
+	$(VENV)/bin/ruff check repo sources storage tests bench
+	MYPY=$(abspath $(VENV))/bin/mypy ./.ci/typecheck
+
+bench: system-deps bench-deps $(VENV)/.installed
+	$(PY) bench/snapshot_bench.py $(BENCH_ARGS)
+
+system-deps:
+	@./.ci/apt-ensure $(SYSTEM_DEPS)
+	@$(PYTHON) -c 'import ensurepip' 2>/dev/null || ./.ci/apt-ensure :python3-venv
+
+bench-deps:
+	@./.ci/apt-ensure $(BENCH_DEPS)
+
+$(VENV)/.installed: pyproject.toml
+	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	@$(PY) -m pip install -q --disable-pip-version-check -e '.[test]'
+	@touch $@
+
+clean:
+	rm -rf $(VENV) build *.egg-info .pytest_cache .mypy_cache .ruff_cache

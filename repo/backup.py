@@ -1,0 +1,220 @@
+"""Taking a snapshot: source extents -> chunks -> dedup -> packs -> record.
+
+Ordering (the safety rule of docs/format.md): every pack is stored, then the
+index segment naming them, then the snapshot record, and only then is the
+source told the snapshot committed. Any failure before the record leaves
+only unreferenced packs and the source is told to roll back.
+
+Work is spread over a thread pool: the calling thread drains the source and
+assembles chunks; workers hash, compress and pack them (BLAKE3, zstd and
+file I/O release the GIL, so all cores are busy).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import socket
+import time
+from collections import deque
+from collections.abc import Callable, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+
+from vmrepo.sources.base import BackupContext, DiskStream, PriorSnapshot, Source, Wanted
+
+from . import __version__
+from .chunker import ChunkAssembler
+from .errors import IntegrityError, SnapshotNotFound
+from .format import ZERO_ID, BlobType
+from .manifest import Manifest, ManifestBuilder
+from .packer import Packer
+from .repository import Repository
+from .snapshots import DiskRecord, Snapshot, new_snapshot_id, save_snapshot
+
+Clock = Callable[[], datetime]
+Progress = Callable[[int], None]
+
+
+def utc_now() -> datetime:
+    return datetime.now(UTC)
+
+
+@dataclass
+class DiskStats:
+    """Figures of one disk's pass, stored in the snapshot record."""
+
+    bytes_data: int = 0
+    bytes_zero: int = 0
+    chunks: int = 0
+    chunks_zero: int = 0
+    chunks_new: int = 0
+    bytes_new: int = 0
+    bytes_stored: int = 0
+    pages_new: int = 0
+    bytes_manifest: int = 0
+    milliseconds: int = 0
+
+    def as_dict(self) -> dict[str, int]:
+        return dict(self.__dict__)
+
+
+@dataclass
+class SnapshotOptions:
+    vm: str
+    tags: Sequence[str] = ()
+    wanted: Wanted = "auto"
+    workers: int = field(default_factory=lambda: max(2, os.cpu_count() or 2))
+    clock: Clock = utc_now
+    progress: Progress | None = None
+    #: Called with the disks once the source has begun (e.g. to size a progress bar).
+    on_begin: Callable[[list[DiskStream]], None] | None = None
+
+
+def history_for(snapshots: Sequence[Snapshot]) -> dict[str, list[PriorSnapshot]]:
+    """Per disk, the committed snapshots containing it, newest first."""
+    out: dict[str, list[PriorSnapshot]] = {}
+    for snap in sorted(snapshots, key=lambda s: (s.time, s.id), reverse=True):
+        for d in snap.disks:
+            out.setdefault(d.name, []).append(PriorSnapshot(snap.id, d.size, d.taken == "full"))
+    return out
+
+
+class _DiskWriter:
+    """Turns one disk stream into a manifest, using the shared pool and packer."""
+
+    def __init__(self, repo: Repository, packer: Packer, pool: ThreadPoolExecutor,
+                 workers: int, disk: DiskStream, base: Manifest | None,
+                 progress: Progress | None) -> None:
+        self.repo, self.packer, self.pool = repo, packer, pool
+        self.disk, self.base, self.progress = disk, base, progress
+        self.stats = DiskStats()
+        cfg = repo.config
+        self.builder = ManifestBuilder(
+            disk.size, cfg.chunk_size, cfg.page_entries, self._store_page,
+            load_page=(lambda n: repo.page(base, n)) if base is not None else None,
+            base=base,
+        )
+        self._base_pages: dict[int, bytes] = {}
+        self._inflight: deque[tuple[int, Future[tuple[bytes, int]]]] = deque()
+        self._max_inflight = workers * 4
+
+    def _store_page(self, page: bytes) -> bytes:
+        pid = self.repo.hasher.id(page)
+        stored = self.packer.add(pid, BlobType.PAGE, page)
+        if stored:
+            self.stats.pages_new += 1
+            self.stats.bytes_manifest += stored
+        return pid
+
+    def _store_chunk(self, data: bytes) -> tuple[bytes, int]:
+        cid = self.repo.hasher.id(data)
+        return cid, self.packer.add(cid, BlobType.CHUNK, data)
+
+    def _emit(self, index: int, data: bytes | None) -> None:
+        self.stats.chunks += 1
+        if data is None or data == self.repo.zero_chunk(len(data)):
+            self.stats.chunks_zero += 1
+            self.builder.set(index, ZERO_ID)
+            return
+        while len(self._inflight) >= self._max_inflight:
+            self._collect_one()
+        self._inflight.append((index, self.pool.submit(self._store_chunk, data)))
+
+    def _collect_one(self) -> None:
+        index, fut = self._inflight.popleft()
+        cid, stored = fut.result()
+        if stored:
+            self.stats.chunks_new += 1
+            self.stats.bytes_stored += stored
+            self.stats.bytes_new += self.builder.shape.chunk_length(index)
+        self.builder.set(index, cid)
+
+    def _base_chunk(self, index: int) -> bytes:
+        assert self.base is not None
+        page_no, slot = divmod(index, self.base.page_entries)
+        page = self._base_pages.get(page_no)
+        if page is None:
+            page = self._base_pages[page_no] = self.repo.page(self.base, page_no)
+        cid = page[slot * 32 : (slot + 1) * 32]
+        return self.repo.read_chunk(cid, self.base.chunk_length(index))
+
+    def run(self) -> DiskRecord:
+        started = time.monotonic()
+        asm = ChunkAssembler(self.disk.size, self.repo.config.chunk_size, self._emit)
+        try:
+            for ext in self.disk.extents():
+                asm.add(ext.offset, ext.length, ext.data)
+                if self.progress:
+                    self.progress(ext.length)
+            asm.finish(self._base_chunk if self.base is not None else None)
+            while self._inflight:
+                self._collect_one()
+        finally:
+            for _, fut in self._inflight:
+                fut.cancel()
+        manifest = self.builder.finish()
+        root = manifest.encode()
+        root_id = self.repo.hasher.id(root)
+        self.stats.bytes_manifest += self.packer.add(root_id, BlobType.ROOT, root)
+        self.stats.bytes_data = asm.data_bytes
+        self.stats.bytes_zero = asm.zero_bytes
+        self.stats.milliseconds = int((time.monotonic() - started) * 1000)
+        return DiskRecord(self.disk.name, self.disk.size, root_id, "full", self.disk.reason,
+                          stats=self.stats.as_dict(), source=self.disk.report())
+
+
+def _base_manifest(repo: Repository, disk: DiskStream,
+                   by_id: dict[str, Snapshot]) -> Manifest:
+    base_snap = by_id.get(disk.base_snapshot or "")
+    rec = base_snap.disk(disk.name) if base_snap else None
+    if rec is None:
+        raise SnapshotNotFound(f"{disk.base_snapshot} (base of disk {disk.name})")
+    manifest = repo.manifest(rec.root)
+    if manifest.size != disk.size:
+        raise IntegrityError(
+            f"disk {disk.name}: base snapshot has size {manifest.size}, disk has {disk.size}"
+        )
+    return manifest
+
+
+def take_snapshot(repo: Repository, source: Source, opts: SnapshotOptions) -> Snapshot:
+    """Back up every disk ``source`` offers and commit one snapshot record."""
+    prior = repo.snapshots(opts.vm)
+    by_id = {s.id: s for s in prior}
+    snap_id = new_snapshot_id()
+    context = BackupContext(repo.config.repository_id, repo.config.chunk_size, snap_id,
+                            opts.wanted, history_for(prior))
+    started = opts.clock()
+    try:
+        disks = source.begin(context)
+        if opts.on_begin is not None:
+            opts.on_begin(disks)
+        packer = repo.packer()
+        records = []
+        with ThreadPoolExecutor(opts.workers, thread_name_prefix="vmrepo-chunk") as pool:
+            for disk in disks:
+                base = None
+                taken = "full"
+                if disk.mode == "changes":
+                    base = _base_manifest(repo, disk, by_id)
+                    taken = "differential" if opts.wanted == "differential" else "incremental"
+                writer = _DiskWriter(repo, packer, pool, opts.workers, disk, base, opts.progress)
+                record = writer.run()
+                record.taken, record.base = taken, disk.base_snapshot
+                records.append(record)
+        packer.commit()
+        snap = Snapshot(
+            id=snap_id, vm=opts.vm, time=started, host=socket.gethostname(),
+            source=source.plugin, disks=records, tags=list(opts.tags),
+            source_info=source.info(), program=f"vmrepo {__version__}",
+        )
+        save_snapshot(repo.backend, snap)
+    except BaseException:
+        # Roll the source back; its own failure must not hide the original one.
+        with contextlib.suppress(Exception):
+            source.finish(False)
+        raise
+    source.finish(True)
+    return snap

@@ -1,0 +1,118 @@
+"""Cuts a stream of extents into fixed-size chunks, whatever their order and size.
+
+Pieces that cover a whole chunk are passed on at once without copying;
+pieces of a chunk are collected in a buffer until the chunk is covered.
+Memory therefore stays bounded by the chunks in progress, which for QEMU's
+push (requests up to 1 MiB, out of order by up to ~64 MiB) is small.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+#: Called with (chunk_index, bytes or None for all zeros).
+Emit = Callable[[int, bytes | None], None]
+
+
+class ExtentError(ValueError):
+    """An extent outside the disk or overlapping one already received."""
+
+
+@dataclass
+class Partial:
+    """A chunk received in pieces; ``covered`` holds merged [start, end) ranges."""
+
+    length: int
+    buf: bytearray | None = None
+    covered: list[list[int]] = field(default_factory=list)
+
+    def add(self, start: int, end: int, data: bytes | None) -> None:
+        for s, e in self.covered:
+            if start < e and s < end:
+                raise ExtentError(f"overlapping extent at chunk offset {start}")
+        if data is not None:
+            if self.buf is None:
+                self.buf = bytearray(self.length)
+            self.buf[start:end] = data
+        self.covered.append([start, end])
+        self.covered.sort()
+        merged: list[list[int]] = []
+        for s, e in self.covered:
+            if merged and merged[-1][1] == s:
+                merged[-1][1] = e
+            else:
+                merged.append([s, e])
+        self.covered = merged
+
+    @property
+    def complete(self) -> bool:
+        return self.covered == [[0, self.length]]
+
+    def gaps(self) -> list[tuple[int, int]]:
+        out, pos = [], 0
+        for s, e in self.covered:
+            if s > pos:
+                out.append((pos, s))
+            pos = e
+        if pos < self.length:
+            out.append((pos, self.length))
+        return out
+
+
+class ChunkAssembler:
+    """Places extents by offset and emits each chunk once it is complete."""
+
+    def __init__(self, size: int, chunk_size: int, emit: Emit) -> None:
+        self.size = size
+        self.chunk_size = chunk_size
+        self.emit = emit
+        self.partials: dict[int, Partial] = {}
+        self.data_bytes = 0
+        self.zero_bytes = 0
+
+    def add(self, offset: int, length: int, data: bytes | None) -> None:
+        if offset < 0 or length < 0 or offset + length > self.size:
+            raise ExtentError(f"extent {offset}+{length} outside disk of {self.size} bytes")
+        if data is not None and len(data) != length:
+            raise ExtentError(f"extent {offset}+{length} carries {len(data)} bytes")
+        if data is None:
+            self.zero_bytes += length
+        else:
+            self.data_bytes += length
+        cs = self.chunk_size
+        pos, end = offset, offset + length
+        while pos < end:
+            index = pos // cs
+            cstart = index * cs
+            cend = min(cstart + cs, self.size)
+            n = min(end, cend) - pos
+            piece = None if data is None else data[pos - offset : pos - offset + n]
+            if pos == cstart and n == cend - cstart and index not in self.partials:
+                self.emit(index, piece)
+            else:
+                part = self.partials.get(index)
+                if part is None:
+                    part = self.partials[index] = Partial(cend - cstart)
+                part.add(pos - cstart, pos - cstart + n, piece)
+                if part.complete:
+                    del self.partials[index]
+                    self.emit(index, None if part.buf is None else bytes(part.buf))
+            pos += n
+
+    def finish(self, fill: Callable[[int], bytes] | None) -> None:
+        """Emit the chunks left incomplete, their gaps taken from ``fill(index)``.
+
+        ``fill`` gives a chunk's previous content (changes-only pass); without
+        it the gaps are zeros (full pass).
+        """
+        for index in sorted(self.partials):
+            part = self.partials.pop(index)
+            if fill is None:
+                self.emit(index, None if part.buf is None else bytes(part.buf))
+                continue
+            base = fill(index)
+            buf = part.buf if part.buf is not None else bytearray(part.length)
+            for s, e in part.gaps():
+                buf[s:e] = base[s:e]
+            self.emit(index, bytes(buf))

@@ -1,0 +1,100 @@
+"""Errors of the vmrepo core, each carrying the data a caller needs.
+
+::
+
+    VmrepoError
+     ├── RepositoryNotFound     no repository at the location
+     ├── RepositoryExists       init over an existing repository
+     ├── IncompatibleRepository newer format or a required feature we lack
+     ├── IntegrityError         an object failed its checks (hash, magic, shape)
+     ├── RepositoryLocked       a conflicting lock is held
+     ├── SpecError              a malformed VM@WHEN spec
+     ├── SnapshotNotFound       a spec matched nothing (carries the candidates)
+     ├── AmbiguousSnapshot      a spec matched several (carries the candidates)
+     ├── ConfigError            config file missing, unreadable or invalid; unknown VM
+     ├── RestoreError           output exists, sizes differ, qemu-img failed
+     └── Interrupted            the operation was stopped by a signal
+
+Storage and source errors come from their own packages and are not wrapped.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+
+class VmrepoError(Exception):
+    """Base of the core's errors."""
+
+
+class RepositoryNotFound(VmrepoError):
+    def __init__(self, location: str) -> None:
+        super().__init__(f"no repository at {location} (run `vmrepo init` first)")
+        self.location = location
+
+
+class RepositoryExists(VmrepoError):
+    def __init__(self, location: str) -> None:
+        super().__init__(f"a repository already exists at {location}")
+        self.location = location
+
+
+class IncompatibleRepository(VmrepoError):
+    def __init__(self, message: str, version: int | None = None,
+                 features: Sequence[str] = ()) -> None:
+        super().__init__(message)
+        self.version = version
+        self.features = list(features)
+
+
+class IntegrityError(VmrepoError):
+    def __init__(self, message: str, key: str | None = None) -> None:
+        super().__init__(message)
+        self.key = key
+
+
+class RepositoryLocked(VmrepoError):
+    def __init__(self, message: str, holders: Sequence[str] = ()) -> None:
+        super().__init__(message)
+        self.holders = list(holders)
+
+
+class SpecError(VmrepoError):
+    def __init__(self, spec: str, why: str) -> None:
+        super().__init__(f"invalid snapshot spec {spec!r}: {why}")
+        self.spec = spec
+
+
+class SnapshotNotFound(VmrepoError):
+    def __init__(self, spec: str, candidates: Sequence[str] = ()) -> None:
+        msg = f"no snapshot matches {spec}"
+        if candidates:
+            msg += "; snapshots of this VM: " + ", ".join(candidates)
+        super().__init__(msg)
+        self.spec = spec
+        self.candidates = list(candidates)
+
+
+class AmbiguousSnapshot(VmrepoError):
+    def __init__(self, spec: str, candidates: Sequence[str]) -> None:
+        super().__init__(f"{spec} matches several snapshots: " + ", ".join(candidates))
+        self.spec = spec
+        self.candidates = list(candidates)
+
+
+class ConfigError(VmrepoError):
+    def __init__(self, message: str, path: str | None = None) -> None:
+        super().__init__(message)
+        self.path = path
+
+
+class RestoreError(VmrepoError):
+    def __init__(self, message: str, path: str | None = None) -> None:
+        super().__init__(message)
+        self.path = path
+
+
+class Interrupted(VmrepoError):
+    def __init__(self, signal_name: str = "SIGINT") -> None:
+        super().__init__(f"interrupted by {signal_name}")
+        self.signal_name = signal_name

@@ -1,0 +1,51 @@
+"""The one table from errors to exit codes (documented in docs/exit-codes.md)."""
+
+from __future__ import annotations
+
+from vmrepo.sources.errors import SourceConfigError, SourceError
+from vmrepo.storage.errors import StorageError
+
+from . import errors as e
+
+OK = 0
+FAILURE = 1
+USAGE = 2
+CONFIG = 3
+NO_SNAPSHOT = 4
+RESTORE = 5
+NO_REPOSITORY = 10
+REPOSITORY_EXISTS = 11
+LOCKED = 12
+INCOMPATIBLE = 13
+INTEGRITY = 14
+SOURCE = 20
+STORAGE = 21
+INTERNAL = 70
+INTERRUPTED = 130
+
+#: First match wins, so subclasses come before their bases.
+TABLE: list[tuple[type[BaseException], int]] = [
+    (e.SpecError, USAGE),
+    (e.ConfigError, CONFIG),
+    (SourceConfigError, CONFIG),
+    (e.SnapshotNotFound, NO_SNAPSHOT),
+    (e.AmbiguousSnapshot, NO_SNAPSHOT),
+    (e.RestoreError, RESTORE),
+    (e.RepositoryNotFound, NO_REPOSITORY),
+    (e.RepositoryExists, REPOSITORY_EXISTS),
+    (e.RepositoryLocked, LOCKED),
+    (e.IncompatibleRepository, INCOMPATIBLE),
+    (e.IntegrityError, INTEGRITY),
+    (SourceError, SOURCE),
+    (StorageError, STORAGE),
+    (e.Interrupted, INTERRUPTED),
+    (e.VmrepoError, FAILURE),
+]
+
+
+def exit_code(exc: BaseException) -> int | None:
+    """The exit code of a foreseeable error, or None for a bug."""
+    for cls, code in TABLE:
+        if isinstance(exc, cls):
+            return code
+    return None

@@ -1,0 +1,39 @@
+"""Looks up storage backends and sources through their entry-point groups."""
+
+from __future__ import annotations
+
+from importlib.metadata import entry_points
+
+from vmrepo.sources.base import Source
+from vmrepo.sources.errors import SourceConfigError
+from vmrepo.storage.base import Backend
+from vmrepo.storage.errors import ObjectNotFound
+
+from .errors import ConfigError, RepositoryNotFound
+
+
+def _names(group: str) -> list[str]:
+    return sorted(ep.name for ep in entry_points(group=group))
+
+
+def open_backend(url: str, create: bool = False) -> Backend:
+    """The backend for a repository URL (``/path``, ``file:///path``, ``memory://``, ...)."""
+    scheme = url.split("://", 1)[0] if "://" in url else "file"
+    found = entry_points(group="vmrepo.storage", name=scheme)
+    if not found:
+        raise ConfigError(f"no storage backend for {scheme}:// (have: "
+                          f"{', '.join(_names('vmrepo.storage'))})")
+    cls: type[Backend] = next(iter(found)).load()
+    try:
+        return cls.from_url(url, create=create)
+    except ObjectNotFound:
+        raise RepositoryNotFound(url) from None
+
+
+def source_class(name: str) -> type[Source]:
+    found = entry_points(group="vmrepo.sources", name=name)
+    if not found:
+        raise SourceConfigError(f"unknown source {name!r} (have: "
+                                f"{', '.join(_names('vmrepo.sources'))})")
+    cls: type[Source] = next(iter(found)).load()
+    return cls

@@ -1,0 +1,46 @@
+"""Storage errors, one tree callers can act on by type.
+
+::
+
+    StorageError
+     ├── InvalidKey          a key outside the allowed alphabet or shape
+     ├── ObjectNotFound      get/delete of a key that does not exist
+     ├── ObjectExists        create_exclusive of a key that exists
+     ├── StoragePermission   the backend refused access
+     ├── StorageFull         no space or quota left
+     └── BackendUnavailable  the backend cannot be reached or failed an I/O
+"""
+
+from __future__ import annotations
+
+
+class StorageError(Exception):
+    """Base of all storage errors; ``key`` names the object concerned, if any."""
+
+    def __init__(self, message: str, key: str | None = None) -> None:
+        super().__init__(message)
+        self.key = key
+
+
+class InvalidKey(StorageError):
+    """A key that is not relative, lowercase and of ``[a-z0-9/._-]``."""
+
+
+class ObjectNotFound(StorageError):
+    """The object does not exist."""
+
+
+class ObjectExists(StorageError):
+    """An exclusive create found the object already present."""
+
+
+class StoragePermission(StorageError):
+    """The backend refused access to the object or location."""
+
+
+class StorageFull(StorageError):
+    """No space or quota left on the backend."""
+
+
+class BackendUnavailable(StorageError):
+    """The backend could not be reached or an I/O operation failed."""

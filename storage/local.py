@@ -1,0 +1,155 @@
+"""Local-directory backend: one file per object under a root directory.
+
+Writes go to a temporary file in the target directory, are fsynced, renamed
+over the key and the directory is fsynced, so a crash leaves either the old
+state or the new object, never a partial one. Files are created 0600 and
+directories 0700. Temporary files carry a ``.tmp-`` prefix that is invalid
+as a key, so they never show up in listings.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import os
+import secrets
+from collections.abc import Iterator
+from pathlib import Path
+
+from .base import Backend, check_range, validate_key, validate_prefix
+from .errors import (
+    BackendUnavailable,
+    ObjectNotFound,
+    StorageError,
+    StorageFull,
+    StoragePermission,
+)
+
+_TMP_PREFIX = ".tmp-"
+
+
+def _translate(exc: OSError, key: str | None, what: str) -> StorageError:
+    """Map an OSError to the storage error tree."""
+    msg = f"{what}: {exc.strerror or exc}"
+    if exc.errno == errno.ENOENT:
+        return ObjectNotFound(msg, key=key)
+    if exc.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
+        return StoragePermission(msg, key=key)
+    if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+        return StorageFull(msg, key=key)
+    return BackendUnavailable(msg, key=key)
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+class LocalBackend(Backend):
+    """Objects stored as files below ``root``; ``create`` makes the root if missing."""
+
+    def __init__(self, root: str | os.PathLike[str], create: bool = False) -> None:
+        self.root = Path(root).absolute()
+        self.location = str(self.root)
+        if create:
+            try:
+                self.root.mkdir(mode=0o700, parents=True, exist_ok=True)
+            except OSError as exc:
+                raise _translate(exc, None, f"cannot create {self.root}") from exc
+        elif not self.root.is_dir():
+            raise ObjectNotFound(f"{self.root} is not a directory")
+
+    @classmethod
+    def from_url(cls, url: str, create: bool = False) -> LocalBackend:
+        """Build from ``file:///path`` or a plain path."""
+        path = url[len("file://") :] if url.startswith("file://") else url
+        return cls(path, create=create)
+
+    def _path(self, key: str) -> Path:
+        return self.root / validate_key(key)
+
+    def put(self, key: str, data: bytes | bytearray | memoryview) -> None:
+        path = self._path(key)
+        tmp = path.parent / f"{_TMP_PREFIX}{path.name}.{secrets.token_hex(6)}"
+        try:
+            self._makedirs(path.parent)
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+            try:
+                view = memoryview(data)
+                while view:
+                    written = os.write(fd, view)
+                    view = view[written:]
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+            os.rename(tmp, path)
+            _fsync_dir(path.parent)
+        except OSError as exc:
+            with contextlib.suppress(OSError):
+                os.unlink(tmp)
+            raise _translate(exc, key, f"cannot write {key}") from exc
+
+    def _makedirs(self, directory: Path) -> None:
+        if directory.is_dir():
+            return
+        missing = []
+        d = directory
+        while not d.is_dir():
+            missing.append(d)
+            d = d.parent
+        for d in reversed(missing):
+            try:
+                os.mkdir(d, 0o700)
+            except FileExistsError:
+                continue
+            _fsync_dir(d.parent)
+
+    def get(self, key: str, offset: int = 0, length: int | None = None) -> bytes:
+        path = self._path(key)
+        try:
+            with open(path, "rb", buffering=0) as f:
+                total = os.fstat(f.fileno()).st_size
+                n = check_range(key, total, offset, length)
+                data = os.pread(f.fileno(), n, offset)
+        except OSError as exc:
+            raise _translate(exc, key, f"cannot read {key}") from exc
+        if len(data) != n:
+            raise BackendUnavailable(f"short read of {key}", key=key)
+        return data
+
+    def size(self, key: str) -> int:
+        try:
+            return self._path(key).stat().st_size
+        except OSError as exc:
+            raise _translate(exc, key, f"cannot stat {key}") from exc
+
+    def list(self, prefix: str = "") -> Iterator[str]:
+        validate_prefix(prefix)
+        # Walk only the directory the prefix points into.
+        base_dir, _, _ = prefix.rpartition("/")
+        start = self.root / base_dir if base_dir else self.root
+        if not start.is_dir():
+            return
+        try:
+            for dirpath, dirnames, filenames in os.walk(start):
+                dirnames[:] = [d for d in dirnames if not d.startswith(_TMP_PREFIX)]
+                rel = os.path.relpath(dirpath, self.root)
+                for name in filenames:
+                    if name.startswith(_TMP_PREFIX):
+                        continue
+                    key = name if rel == "." else f"{rel}/{name}"
+                    if key.startswith(prefix):
+                        yield key
+        except OSError as exc:
+            raise _translate(exc, None, f"cannot list {prefix or '/'}") from exc
+
+    def delete(self, key: str) -> None:
+        path = self._path(key)
+        try:
+            os.unlink(path)
+            _fsync_dir(path.parent)
+        except OSError as exc:
+            raise _translate(exc, key, f"cannot delete {key}") from exc

@@ -1,0 +1,21 @@
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from vmrepo.config import RepoConfig
+from vmrepo.repository import Repository
+from vmrepo.storage.local import LocalBackend
+from vmrepo.storage.memory import MemoryBackend
+
+
+@pytest.fixture
+def mem_repo() -> Repository:
+    cfg = RepoConfig.new(chunk_size=64 << 10, pack_size=1 << 20)
+    return Repository.init(MemoryBackend(), cfg)
+
+
+@pytest.fixture
+def local_repo(tmp_path: Path) -> Repository:
+    cfg = RepoConfig.new(chunk_size=64 << 10, pack_size=1 << 20)
+    return Repository.init(LocalBackend(tmp_path / "repo", create=True), cfg)

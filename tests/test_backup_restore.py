@@ -1,0 +1,181 @@
+"""Snapshots and restores through the library, on in-memory and local repositories."""
+
+from __future__ import annotations
+
+import os
+import random
+from pathlib import Path
+
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from vmrepo.backup import SnapshotOptions, take_snapshot
+from vmrepo.config import RepoConfig
+from vmrepo.errors import IntegrityError
+from vmrepo.format import ZERO_ID
+from vmrepo.manifest import iter_chunks
+from vmrepo.repository import Repository
+from vmrepo.restore import changed_chunks, restore_raw
+from vmrepo.snapshots import Snapshot
+from vmrepo.sources.base import Extent
+from vmrepo.sources.file import FileSource
+from vmrepo.storage.faulty import FaultyBackend
+from vmrepo.storage.memory import MemoryBackend
+
+from .helpers import MemoryDisk, MemorySource, text_like
+
+CS = 64 << 10
+
+
+def snapshot_file(repo: Repository, path: Path, vm: str = "vm1") -> Snapshot:
+    src = FileSource(vm, {"disk0": str(path)})
+    return take_snapshot(repo, src, SnapshotOptions(vm=vm, workers=2))
+
+
+def restored(repo: Repository, snap: Snapshot, out: Path, disk: str = "disk0") -> bytes:
+    rec = snap.disk(disk)
+    assert rec is not None
+    restore_raw(repo, rec, out, force=True)
+    return out.read_bytes()
+
+
+@st.composite
+def images(draw: st.DrawFn) -> tuple[int, list[tuple[str, int, int]]]:
+    """Layouts of holes, zero runs, random data, text and repeated blocks."""
+    seed = draw(st.integers(0, 2**32))
+    runs = draw(st.lists(st.tuples(st.sampled_from(["hole", "zero", "random", "text", "repeat"]),
+                                   st.integers(1, 3 * CS)), min_size=1, max_size=8))
+    return seed, runs
+
+
+def build_image(path: Path, seed: int, runs: list[tuple[str, int]]) -> bytes:
+    rnd = random.Random(seed)
+    repeated = rnd.randbytes(CS)
+    size = sum(n for _, n in runs)
+    with open(path, "wb") as f:
+        f.truncate(size)
+        pos = 0
+        for kind, n in runs:
+            f.seek(pos)
+            if kind == "zero":
+                f.write(bytes(n))
+            elif kind == "random":
+                f.write(rnd.randbytes(n))
+            elif kind == "text":
+                f.write(text_like(rnd, n))
+            elif kind == "repeat":
+                f.write((repeated * (n // CS + 1))[:n])
+            pos += n
+    return path.read_bytes()
+
+
+@settings(max_examples=25, deadline=None,
+          suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(images())
+def test_restore_is_byte_identical(tmp_path: Path, case: tuple[int, list]) -> None:
+    seed, runs = case
+    repo = Repository.init(MemoryBackend(), RepoConfig.new(chunk_size=CS, pack_size=256 << 10))
+    image = build_image(tmp_path / f"img{seed}", seed, runs)
+    snap = snapshot_file(repo, tmp_path / f"img{seed}")
+    assert restored(repo, snap, tmp_path / f"out{seed}") == image
+    # A reopened repository (index from its segments) restores the same bytes.
+    again = Repository.open(repo.backend)
+    assert restored(again, snap, tmp_path / f"out{seed}") == image
+
+
+def test_second_snapshot_stores_only_new_chunks_and_pages(mem_repo: Repository,
+                                                          tmp_path: Path) -> None:
+    rnd = random.Random(7)
+    img = tmp_path / "disk.raw"
+    size = 2000 * CS + 123  # 4 pages of 512 chunks, the last short; a partial last chunk
+    with open(img, "wb") as f:
+        f.write(rnd.randbytes(size))
+    first = snapshot_file(mem_repo, img)
+    changed = sorted(rnd.sample(range(2000), 5))
+    with open(img, "r+b") as f:
+        for c in changed:
+            f.seek(c * CS + 100)
+            f.write(rnd.randbytes(4096))
+    second = snapshot_file(mem_repo, img)
+    s = second.disks[0].stats
+    assert s["chunks_new"] == len(changed)
+    assert s["bytes_new"] == len(changed) * CS
+    assert s["pages_new"] == len({c // 512 for c in changed})
+    assert restored(mem_repo, second, tmp_path / "o") == img.read_bytes()
+    m1 = mem_repo.manifest(first.disks[0].root)
+    m2 = mem_repo.manifest(second.disks[0].root)
+    assert [i for i, _ in changed_chunks(mem_repo, m2, m1)] == changed
+
+
+def test_zero_chunks_are_not_stored(mem_repo: Repository, tmp_path: Path) -> None:
+    img = tmp_path / "zeros.raw"
+    with open(img, "wb") as f:
+        f.write(bytes(10 * CS))  # written zeros, not holes
+        f.truncate(40 * CS)
+    snap = snapshot_file(mem_repo, img)
+    s = snap.disks[0].stats
+    assert s["chunks_zero"] == 40 and s["chunks_new"] == 0
+    m = mem_repo.manifest(snap.disks[0].root)
+    ids = [cid for _, cid in iter_chunks(m, lambda n: mem_repo.page(m, n))]
+    assert ids == [ZERO_ID] * 40
+    assert s["bytes_data"] == 10 * CS  # holes were not read
+
+
+def test_changes_pass_takes_gaps_from_base(mem_repo: Repository, tmp_path: Path) -> None:
+    size = 10 * CS + 500
+    base = bytearray(os.urandom(size))
+    src = MemorySource([MemoryDisk("d", size, [Extent(0, size, bytes(base))])])
+    first = take_snapshot(mem_repo, src, SnapshotOptions(vm="vm"))
+    assert src.finished == [True]
+    # Changes: one piece inside chunk 2, zeros over chunk 5, a piece of the short last chunk.
+    expected = bytearray(base)
+    expected[2 * CS + 10 : 2 * CS + 20] = b"x" * 10
+    expected[5 * CS : 6 * CS] = bytes(CS)
+    expected[10 * CS + 1 : 10 * CS + 3] = b"yz"
+    changes = [Extent(2 * CS + 10, 10, b"x" * 10), Extent(5 * CS, CS, None),
+               Extent(10 * CS + 1, 2, b"yz")]
+    src2 = MemorySource([MemoryDisk("d", size, changes, mode="changes", base=first.id)])
+    second = take_snapshot(mem_repo, src2, SnapshotOptions(vm="vm"))
+    assert second.disks[0].taken == "incremental" and second.disks[0].base == first.id
+    assert restored(mem_repo, second, tmp_path / "o", "d") == bytes(expected)
+    assert src2.context is not None and src2.context.history["d"][0].snapshot_id == first.id
+
+
+@pytest.mark.parametrize("fail_on", ["data/", "index/", "snapshots/"])
+def test_failed_write_leaves_no_snapshot(tmp_path: Path, fail_on: str) -> None:
+    inner = MemoryBackend()
+    Repository.init(inner, RepoConfig.new(chunk_size=CS, pack_size=256 << 10))
+    faulty = FaultyBackend(inner, {"put": "fail*"}, key_prefix=fail_on)
+    repo = Repository.open(faulty)
+    img = tmp_path / "d.raw"
+    img.write_bytes(os.urandom(40 * CS))
+    src = FileSource("vm1", {"disk0": str(img)})
+    with pytest.raises(Exception, match="injected fault"):
+        take_snapshot(repo, src, SnapshotOptions(vm="vm1"))
+    assert list(inner.list("snapshots/")) == []
+    # The repository stays usable: the next snapshot succeeds and restores.
+    healthy = Repository.open(inner)
+    snap = snapshot_file(healthy, img)
+    assert restored(healthy, snap, tmp_path / "o") == img.read_bytes()
+
+
+def test_source_is_rolled_back_on_failure(mem_repo: Repository) -> None:
+    src = MemorySource([MemoryDisk("d", CS, [Extent(0, 2 * CS, None)])])  # outside the disk
+    with pytest.raises(ValueError):
+        take_snapshot(mem_repo, src, SnapshotOptions(vm="vm"))
+    assert src.finished == [False]
+    assert mem_repo.snapshots() == []
+
+
+def test_corrupted_chunk_is_detected(local_repo: Repository, tmp_path: Path) -> None:
+    img = tmp_path / "d.raw"
+    img.write_bytes(os.urandom(4 * CS))
+    snap = snapshot_file(local_repo, img)
+    for key in local_repo.backend.list("data/"):
+        path = Path(local_repo.backend.location) / key
+        raw = bytearray(path.read_bytes())
+        raw[100] ^= 0xFF
+        path.write_bytes(bytes(raw))
+    with pytest.raises(IntegrityError):
+        restored(Repository.open(local_repo.backend), snap, tmp_path / "o")
+    assert not (tmp_path / "o").exists()

@@ -1,0 +1,90 @@
+"""The chunk assembler: any order, any split, exactly one emit per chunk."""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from vmrepo.chunker import ChunkAssembler, ExtentError
+
+
+def assemble(size: int, cs: int, pieces: list[tuple[int, int, bytes | None]],
+             fill: bytes | None = None) -> dict[int, bytes | None]:
+    out: dict[int, bytes | None] = {}
+
+    def emit(i: int, data: bytes | None) -> None:
+        assert i not in out, f"chunk {i} emitted twice"
+        out[i] = data
+
+    asm = ChunkAssembler(size, cs, emit)
+    for off, n, data in pieces:
+        asm.add(off, n, data)
+    asm.finish((lambda i: fill[i * cs : i * cs + cs]) if fill is not None else None)
+    return out
+
+
+@st.composite
+def split_image(draw: st.DrawFn) -> tuple[int, int, bytes, list[tuple[int, int, bytes | None]]]:
+    cs = draw(st.sampled_from([16, 64, 256]))
+    size = draw(st.integers(1, cs * 12))
+    seed = draw(st.integers(0, 2**32))
+    rnd = random.Random(seed)
+    image = bytearray(rnd.randbytes(size))
+    cuts = sorted({0, size, *(rnd.randrange(size) for _ in range(draw(st.integers(0, 20))))})
+    pieces: list[tuple[int, int, bytes | None]] = []
+    for a, b in zip(cuts, cuts[1:], strict=False):
+        if rnd.random() < 0.3:
+            image[a:b] = bytes(b - a)
+            pieces.append((a, b - a, None))
+        else:
+            pieces.append((a, b - a, bytes(image[a:b])))
+    rnd.shuffle(pieces)
+    return cs, size, bytes(image), pieces
+
+
+@settings(max_examples=300, deadline=None)
+@given(split_image())
+def test_any_order_and_split_gives_the_image(case: tuple[int, int, bytes, list]) -> None:
+    cs, size, image, pieces = case
+    out = assemble(size, cs, pieces)
+    assert sorted(out) == list(range((size + cs - 1) // cs))
+    for i, data in out.items():
+        want = image[i * cs : min(size, (i + 1) * cs)]
+        assert (data if data is not None else bytes(len(want))) == want
+
+
+def test_whole_zero_chunk_is_emitted_as_none() -> None:
+    out = assemble(128, 64, [(0, 64, None), (64, 64, b"x" * 64)])
+    assert out == {0: None, 1: b"x" * 64}
+
+
+def test_gaps_of_full_pass_are_zero() -> None:
+    out = assemble(64, 64, [(10, 4, b"abcd")])
+    assert out == {0: bytes(10) + b"abcd" + bytes(50)}
+
+
+def test_gaps_of_changes_pass_come_from_base() -> None:
+    base = bytes(range(64)) * 2
+    out = assemble(128, 64, [(66, 2, b"zz")], fill=base)
+    assert out == {1: base[64:66] + b"zz" + base[68:128]}
+
+
+def test_partial_last_chunk() -> None:
+    out = assemble(100, 64, [(64, 36, b"y" * 36), (0, 64, b"x" * 64)])
+    assert out == {0: b"x" * 64, 1: b"y" * 36}
+
+
+@pytest.mark.parametrize("piece", [(90, 20, None), (-1, 2, None), (0, 3, b"ab")])
+def test_bad_extents_are_refused(piece: tuple[int, int, bytes | None]) -> None:
+    asm = ChunkAssembler(100, 64, lambda i, d: None)
+    with pytest.raises(ExtentError):
+        asm.add(*piece)
+
+
+def test_overlap_inside_a_chunk_is_refused() -> None:
+    asm = ChunkAssembler(128, 64, lambda i, d: None)
+    asm.add(0, 10, None)
+    with pytest.raises(ExtentError):
+        asm.add(5, 10, None)
