@@ -275,7 +275,9 @@ def restore(repo: str | None, config: str | None, as_json: bool, spec: str, outp
     started = time.monotonic()
     results = []
     total = sum(d.size for d in disks)
-    with progress_bar(total, f"restore {snap.vm}", not as_json) as advance:
+    with locked(r.backend, f"restore {snap.vm}") as lock, \
+            progress_bar(total, f"restore {snap.vm}", not as_json) as advance:
+        warn_stale(lock.stale, as_json)
         for d in disks:
             target = output if single else output / f"{d.name}.{fmt}"
             stats: RestoreStats
