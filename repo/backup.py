@@ -187,11 +187,11 @@ def take_snapshot(repo: Repository, source: Source, opts: SnapshotOptions) -> Sn
     context = BackupContext(repo.config.repository_id, repo.config.chunk_size, snap_id,
                             opts.wanted, history_for(prior))
     started = opts.clock()
+    packer = repo.packer()
     try:
         disks = source.begin(context)
         if opts.on_begin is not None:
             opts.on_begin(disks)
-        packer = repo.packer()
         records = []
         with ThreadPoolExecutor(opts.workers, thread_name_prefix="vmrepo-chunk") as pool:
             for disk in disks:
@@ -212,6 +212,7 @@ def take_snapshot(repo: Repository, source: Source, opts: SnapshotOptions) -> Sn
         )
         save_snapshot(repo.backend, snap)
     except BaseException:
+        packer.close()
         # Roll the source back; its own failure must not hide the original one.
         with contextlib.suppress(Exception):
             source.finish(False)

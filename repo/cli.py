@@ -27,6 +27,7 @@ from .backup import SnapshotOptions, take_snapshot
 from .config import DEFAULT_CHUNK, DEFAULT_PACK_SIZE, RepoConfig
 from .errors import ConfigError, Interrupted, RestoreError
 from .locks import list_locks, locked, remove_stale, stale_reason
+from .memtune import tune_malloc
 from .plugins import open_backend, source_class
 from .progress import progress_bar
 from .repository import Repository
@@ -343,6 +344,7 @@ def _raise_interrupt(signum: int, frame: Any) -> NoReturn:
 def main(argv: list[str] | None = None) -> NoReturn:
     """Entry point: run the CLI and turn errors into one line and an exit code."""
     signal.signal(signal.SIGTERM, _raise_interrupt)
+    tune_malloc()
     try:
         cli.main(args=argv, prog_name="vmrepo", standalone_mode=False)
     except click.exceptions.Exit as exc:

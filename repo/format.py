@@ -54,6 +54,13 @@ class Hasher:
         # blake3 releases the GIL on large inputs, so chunk workers run in parallel.
         return bytes(blake3.blake3(data, key=self.key, max_threads=1).digest())
 
+    def id_of_parts(self, parts: list[bytes]) -> bytes:
+        """The id of the parts' concatenation."""
+        h = blake3.blake3(key=self.key, max_threads=1)
+        for p in parts:
+            h.update(p)
+        return bytes(h.digest())
+
 
 def encode_record(fields: dict[str, Any]) -> bytes:
     """Encode a record map (which must carry ``v``) in the plain envelope."""

@@ -72,14 +72,14 @@ class PackBuilder:
         self._parts.append(stored)
         self._size += len(stored)
 
-    def seal(self, hasher: Hasher) -> tuple[bytes, bytes]:
-        """Return ``(pack_id, pack_bytes)``; the id is the keyed hash of the bytes."""
+    def seal(self, hasher: Hasher) -> tuple[bytes, list[bytes]]:
+        """Return ``(pack_id, parts)``: the pack is the parts concatenated, its id their
+        keyed hash (computed without joining them)."""
         header = encode_record({"v": 1, "blobs": [e.as_list() for e in self.entries]})
         self._parts.append(header)
         self._parts.append(TRAILER.pack(len(header), TRAILER_MAGIC))
-        data = b"".join(self._parts)
-        self._parts = []
-        return hasher.id(data), data
+        parts, self._parts = self._parts, []
+        return hasher.id_of_parts(parts), parts
 
 
 def parse_header(tail: bytes, pack_size: int, what: str) -> tuple[int, int]:

@@ -2,14 +2,19 @@
 
 Thread-safe. Workers call :meth:`Packer.add` with plaintext blobs; a blob
 the index or this session already has is dropped, a new one is compressed
-(outside any lock), appended to the open pack, and the pack is sealed and
-stored once it reaches the configured size. :meth:`Packer.commit` stores
-the last pack and then one index segment naming every pack of the session:
-packs are durable before the index that names them.
+(outside any lock), appended to the open pack, and the pack is sealed once it
+reaches the configured size. Sealed packs are stored by one background
+thread, so compression goes on while a pack is written and synced; at most
+``max_queued`` sealed packs wait, which bounds memory. :meth:`Packer.commit`
+stores the last pack, waits for every pack to be durable, then stores one
+index segment naming them: packs are durable before the index that names
+them. A failed store is raised from the next :meth:`add` or from
+:meth:`commit`.
 """
 
 from __future__ import annotations
 
+import queue
 import threading
 from dataclasses import dataclass
 
@@ -35,7 +40,7 @@ class Packer:
     """One writing session against a repository's backend and index."""
 
     def __init__(self, backend: Backend, index: Index, hasher: Hasher, codec: BlobCodec,
-                 pack_size: int) -> None:
+                 pack_size: int, max_queued: int = 1) -> None:
         self.backend = backend
         self.index = index
         self.hasher = hasher
@@ -46,6 +51,9 @@ class Packer:
         self._pending: set[bytes] = set()
         self._builder = PackBuilder()
         self._written: list[tuple[bytes, list[BlobEntry]]] = []
+        self._queue: queue.Queue[PackBuilder | None] = queue.Queue(max_queued)
+        self._error: BaseException | None = None
+        self._uploader: threading.Thread | None = None
 
     def known(self, blob_id: bytes) -> bool:
         """Whether the blob is indexed or already on its way into a pack."""
@@ -53,6 +61,7 @@ class Packer:
 
     def add(self, blob_id: bytes, btype: BlobType, data: bytes) -> int:
         """Store ``data`` unless known; return the stored bytes it added (0 if deduplicated)."""
+        self._raise_upload_error()
         with self._lock:
             if self.known(blob_id):
                 return 0
@@ -67,18 +76,64 @@ class Packer:
             if self._builder.size >= self.pack_size:
                 full, self._builder = self._builder, PackBuilder()
         if full is not None:
-            self._store(full)
+            self._enqueue(full)
         return len(stored)
+
+    def _raise_upload_error(self) -> None:
+        if self._error is not None:
+            raise self._error
+
+    def _enqueue(self, builder: PackBuilder) -> None:
+        with self._lock:
+            if self._uploader is None:
+                self._uploader = threading.Thread(target=self._upload_loop,
+                                                  name="vmrepo-packs", daemon=True)
+                self._uploader.start()
+        while True:
+            self._raise_upload_error()
+            try:
+                self._queue.put(builder, timeout=0.5)
+                return
+            except queue.Full:
+                continue
+
+    def _upload_loop(self) -> None:
+        while (builder := self._queue.get()) is not None:
+            if self._error is None:
+                try:
+                    self._store(builder)
+                except BaseException as exc:  # noqa: BLE001 - re-raised in the caller's thread
+                    self._error = exc
+
+    def _finish_uploads(self) -> None:
+        if self._uploader is not None:
+            self._queue.put(None)
+            self._uploader.join()
+            self._uploader = None
+        self._raise_upload_error()
+
+    def close(self) -> None:
+        """Stop the background thread after a failure (packs stored so far stay)."""
+        if self._uploader is not None:
+            self._error = self._error or RuntimeError("packer closed")
+            while True:
+                try:
+                    self._queue.get_nowait()
+                except queue.Empty:
+                    break
+            self._queue.put(None)
+            self._uploader.join()
+            self._uploader = None
 
     def _store(self, builder: PackBuilder) -> None:
         entries = list(builder.entries)
-        pack_id, data = builder.seal(self.hasher)
-        self.backend.put(pack_key(pack_id), data)
+        pack_id, parts = builder.seal(self.hasher)
+        self.backend.put(pack_key(pack_id), parts)
         self.index.add_pack(pack_id, entries)
         with self._lock:
             self._written.append((pack_id, entries))
             self.stats.packs += 1
-            self.stats.pack_bytes += len(data)
+            self.stats.pack_bytes += sum(len(p) for p in parts)
             self._pending.difference_update(e.id for e in entries)
 
     def commit(self) -> str | None:
@@ -86,7 +141,8 @@ class Packer:
         with self._lock:
             last, self._builder = self._builder, PackBuilder()
         if len(last):
-            self._store(last)
+            self._enqueue(last)
+        self._finish_uploads()
         with self._lock:
             written, self._written = self._written, []
         if not written:

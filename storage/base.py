@@ -23,9 +23,28 @@ from __future__ import annotations
 
 import re
 from abc import ABC, abstractmethod
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 
 from .errors import InvalidKey, ObjectNotFound, StorageError
+
+Buffer = bytes | bytearray | memoryview
+#: What ``put`` stores: one buffer, or parts stored concatenated (no join needed).
+Payload = Buffer | Sequence[Buffer]
+
+
+def payload_parts(data: Payload) -> list[memoryview]:
+    """The parts of a payload as byte views."""
+    if isinstance(data, (bytes, bytearray, memoryview)):
+        return [memoryview(data).cast("B")]
+    return [memoryview(p).cast("B") for p in data]
+
+
+def payload_bytes(data: Payload) -> bytes:
+    """A payload joined into one bytes object."""
+    if isinstance(data, bytes):
+        return data
+    return b"".join(payload_parts(data))
+
 
 _KEY_RE = re.compile(r"[a-z0-9._-]+(/[a-z0-9._-]+)*")
 
@@ -61,8 +80,9 @@ class Backend(ABC):
         raise NotImplementedError(f"{cls.__name__} cannot be opened from a URL")
 
     @abstractmethod
-    def put(self, key: str, data: bytes | bytearray | memoryview) -> None:
-        """Store ``data`` under ``key`` atomically and durably, replacing any object."""
+    def put(self, key: str, data: Payload) -> None:
+        """Store ``data`` (one buffer or parts, concatenated) under ``key`` atomically and
+        durably, replacing any object."""
 
     @abstractmethod
     def get(self, key: str, offset: int = 0, length: int | None = None) -> bytes:

@@ -12,7 +12,7 @@ from __future__ import annotations
 import threading
 from collections.abc import Iterator
 
-from .base import Backend
+from .base import Backend, Payload
 from .errors import BackendUnavailable
 
 
@@ -43,7 +43,7 @@ class FaultyBackend(Backend):
         if steps[n] if n < len(steps) else repeat and steps[-1]:
             raise BackendUnavailable(f"injected fault: {op} {key}", key=key)
 
-    def put(self, key: str, data: bytes | bytearray | memoryview) -> None:
+    def put(self, key: str, data: Payload) -> None:
         self._check("put", key)
         self.inner.put(key, data)
 

@@ -16,7 +16,7 @@ import secrets
 from collections.abc import Iterator
 from pathlib import Path
 
-from .base import Backend, check_range, validate_key, validate_prefix
+from .base import Backend, Payload, check_range, payload_parts, validate_key, validate_prefix
 from .errors import (
     BackendUnavailable,
     ObjectNotFound,
@@ -48,6 +48,20 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
+def _write_all(fd: int, parts: list[memoryview]) -> None:
+    """Write every part, in order, with as few system calls as the kernel allows."""
+    parts = [p for p in parts if p.nbytes]
+    while parts:
+        written = os.writev(fd, parts[:1024])
+        while written:
+            if written >= parts[0].nbytes:
+                written -= parts[0].nbytes
+                parts.pop(0)
+            else:
+                parts[0] = parts[0][written:]
+                written = 0
+
+
 class LocalBackend(Backend):
     """Objects stored as files below ``root``; ``create`` makes the root if missing."""
 
@@ -71,17 +85,14 @@ class LocalBackend(Backend):
     def _path(self, key: str) -> Path:
         return self.root / validate_key(key)
 
-    def put(self, key: str, data: bytes | bytearray | memoryview) -> None:
+    def put(self, key: str, data: Payload) -> None:
         path = self._path(key)
         tmp = path.parent / f"{_TMP_PREFIX}{path.name}.{secrets.token_hex(6)}"
         try:
             self._makedirs(path.parent)
             fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
             try:
-                view = memoryview(data)
-                while view:
-                    written = os.write(fd, view)
-                    view = view[written:]
+                _write_all(fd, payload_parts(data))
                 os.fsync(fd)
             finally:
                 os.close(fd)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import threading
 from collections.abc import Iterator
 
-from .base import Backend, check_range, validate_key, validate_prefix
+from .base import Backend, Payload, check_range, payload_bytes, validate_key, validate_prefix
 from .errors import ObjectNotFound
 
 
@@ -22,9 +22,9 @@ class MemoryBackend(Backend):
         """Build an empty store; ``memory://`` carries no parameters."""
         return cls()
 
-    def put(self, key: str, data: bytes | bytearray | memoryview) -> None:
+    def put(self, key: str, data: Payload) -> None:
         validate_key(key)
-        blob = bytes(data)
+        blob = bytes(payload_bytes(data))
         with self._lock:
             self._objects[key] = blob
 

@@ -56,7 +56,8 @@ def test_pack_header_lists_its_blobs() -> None:
     blobs = [os.urandom(100), os.urandom(7)]
     for i, blob in enumerate(blobs):
         pb.add(h.id(blob), BlobType.CHUNK if i else BlobType.PAGE, b"\x00" + blob, len(blob))
-    pack_id, data = pb.seal(h)
+    pack_id, parts = pb.seal(h)
+    data = b"".join(parts)
     assert data.startswith(PACK_MAGIC) and pack_id == h.id(data)
     off, n = parse_header(data[-12:], len(data), "p")
     entries = decode_header(data[off : off + n], "p")

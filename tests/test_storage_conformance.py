@@ -150,3 +150,11 @@ def test_faulty_backend_follows_plan() -> None:
         with pytest.raises(StorageError):
             always.get("data/x")
     assert always.get("other") == b"1"
+
+
+def test_put_of_parts_stores_their_concatenation(backend: Backend) -> None:
+    parts = [b"abc", bytearray(b""), memoryview(b"defg"), os.urandom(70_000)]
+    backend.put("data/00/parts", parts)
+    assert backend.get("data/00/parts") == b"abcdefg" + bytes(parts[3])
+    backend.put("data/00/many", [bytes([i % 256]) for i in range(3000)])
+    assert backend.get("data/00/many") == bytes(i % 256 for i in range(3000))
