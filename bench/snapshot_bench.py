@@ -138,6 +138,7 @@ def bench(work: Path, size: int, vmrepo: str, skip: list[str]) -> None:
         for tool in tools:
             repo_dir = work / tool
             before = dir_size(repo_dir)
+            os.sync()  # no tool pays for the write-back of the image or of another tool
             if tool == "vmrepo":
                 wall, cpu, rss, out = run_measured(
                     [vmrepo, "snapshot", "bench", "--json", "--config", str(work / "vmrepo.toml")])
