@@ -7,7 +7,8 @@ PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
 # command:package pairs checked before each target
-SYSTEM_DEPS := qemu-img:qemu-utils qemu-io:qemu-utils
+SYSTEM_DEPS := qemu-img:qemu-utils qemu-io:qemu-utils qemu-system-x86_64:qemu-system-x86 \
+	nbdinfo:libnbd-bin
 BENCH_DEPS := borg:borgbackup restic:restic
 
 .PHONY: demo test bench lint system-deps bench-deps clean

@@ -23,6 +23,7 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 
 from vmrepo.sources.base import BackupContext, DiskStream, PriorSnapshot, Source, Wanted
+from vmrepo.sources.errors import SourceError
 
 from . import __version__
 from .chunker import ChunkAssembler
@@ -217,5 +218,9 @@ def take_snapshot(repo: Repository, source: Source, opts: SnapshotOptions) -> Sn
         with contextlib.suppress(Exception):
             source.finish(False)
         raise
-    source.finish(True)
+    try:
+        source.finish(True)
+    except SourceError as exc:
+        # The snapshot is committed; what the source could not tidy up is reported.
+        snap.warnings.append(str(exc))
     return snap

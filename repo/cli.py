@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any, NoReturn, TypeVar, cast
 
 import click
-from vmrepo.sources.base import DiskStream, Wanted
+from vmrepo.sources.base import ChangeTracking, DiskStream, Wanted
 
 from . import __version__, exitcodes
 from .backup import SnapshotOptions, take_snapshot
@@ -124,10 +124,12 @@ def snapshot(repo: str | None, config: str | None, as_json: bool, vm: str,
     source = source_class(table["source"]).from_config(vm, table)
     r = ctx.open_repo()
     started = time.monotonic()
-    with locked(r.backend, f"snapshot {vm}") as lock:
+    with locked(r.backend, f"snapshot {vm}", unique=True) as lock:
         warn_stale(lock.stale, as_json)
         snap = _snapshot_with_progress(r, source, vm, tags, mode or "auto", as_json)
     elapsed = time.monotonic() - started
+    for w in snap.warnings:
+        click.echo(f"vmrepo: warning: {w}", err=True)
     doc = snapshot_doc(snap, elapsed)
     ctx.emit(doc, lambda: print_snapshot_summary(snap, elapsed))
 
@@ -309,6 +311,49 @@ def restore(repo: str | None, config: str | None, as_json: bool, spec: str, outp
         click.echo(f"done in {elapsed:.1f} s")
 
     ctx.emit(doc, human)
+
+
+@cli.command()
+@common
+@click.argument("vm")
+@click.option("--remove", is_flag=True, help="Remove this repository's bitmaps from the VM.")
+@click.option("--all-repositories", is_flag=True,
+              help="With --remove: remove the bitmaps of every repository.")
+def bitmaps(repo: str | None, config: str | None, as_json: bool, vm: str, remove: bool,
+            all_repositories: bool) -> None:
+    """List (or remove) vmrepo's dirty bitmaps on the disks of VM."""
+    ctx = Context(repo, config, as_json)
+    table = ctx.settings.vm(vm)
+    source = source_class(table["source"]).from_config(vm, table)
+    if not isinstance(source, ChangeTracking):
+        raise ConfigError(f"vm {vm}: source {table['source']!r} keeps no dirty bitmaps")
+    r = ctx.open_repo()
+    mine = r.config.repository_id[:16]
+    try:
+        if remove:
+            with locked(r.backend, f"snapshot {vm}", unique=True):
+                rows = source.remove_bitmaps(None if all_repositories
+                                             else r.config.repository_id)
+        else:
+            rows = source.list_bitmaps()
+    finally:
+        source.close()
+    for row in rows:
+        row["this_repository"] = row.get("repository") == mine
+
+    def human() -> None:
+        if not rows:
+            click.echo("no vmrepo bitmaps" if not remove else "nothing removed")
+            return
+        verb = "removed " if remove else ""
+        for b in rows:
+            state = ",".join(k for k in ("recording", "busy", "inconsistent", "temporary")
+                             if b.get(k)) or "disabled"
+            owner = "this repository" if b["this_repository"] else "other repository"
+            click.echo(f"{verb}{b['node']:10} {b['name']}  {owner}  {state}  "
+                       f"{human_bytes(b['dirty_bytes'])} dirty")
+
+    ctx.emit({"bitmaps": rows, "removed": remove}, human)
 
 
 @cli.command()

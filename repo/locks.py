@@ -118,8 +118,8 @@ class RepoLock:
             self.backend.delete(lock_key(self.info.id))
 
 
-def _conflicts(locks: list[LockInfo], exclusive: bool, now: datetime, own: str | None
-               ) -> tuple[list[LockInfo], list[tuple[LockInfo, str]]]:
+def _conflicts(locks: list[LockInfo], exclusive: bool, now: datetime, own: str | None,
+               unique: str | None) -> tuple[list[LockInfo], list[tuple[LockInfo, str]]]:
     blocking, stale = [], []
     for lock in locks:
         if lock.id == own:
@@ -127,22 +127,27 @@ def _conflicts(locks: list[LockInfo], exclusive: bool, now: datetime, own: str |
         why = stale_reason(lock, now)
         if why:
             stale.append((lock, why))
-        elif exclusive or lock.exclusive:
+        elif exclusive or lock.exclusive or (unique is not None and lock.operation == unique):
             blocking.append(lock)
     return blocking, stale
 
 
 def acquire(backend: Backend, operation: str, exclusive: bool = False,
-            clock: Clock = lambda: datetime.now(UTC)) -> RepoLock:
-    """Take a lock or raise :class:`RepositoryLocked` naming the holders."""
+            clock: Clock = lambda: datetime.now(UTC), unique: bool = False) -> RepoLock:
+    """Take a lock or raise :class:`RepositoryLocked` naming the holders.
+
+    With ``unique``, a shared lock also conflicts with other locks of the same
+    operation (e.g. two snapshots of one VM).
+    """
     now = clock()
-    blocking, _ = _conflicts(list_locks(backend), exclusive, now, None)
+    same = operation if unique else None
+    blocking, _ = _conflicts(list_locks(backend), exclusive, now, None, same)
     if blocking:
         raise _locked(blocking)
     info = LockInfo(secrets.token_hex(16), socket.gethostname(), os.getpid(), operation,
                     exclusive, now, now)
     backend.put(lock_key(info.id), info.encode())
-    blocking, stale = _conflicts(list_locks(backend), exclusive, now, info.id)
+    blocking, stale = _conflicts(list_locks(backend), exclusive, now, info.id, same)
     if blocking:
         with contextlib.suppress(ObjectNotFound):
             backend.delete(lock_key(info.id))
@@ -157,8 +162,8 @@ def _locked(blocking: list[LockInfo]) -> RepositoryLocked:
 
 @contextlib.contextmanager
 def locked(backend: Backend, operation: str, exclusive: bool = False,
-           clock: Clock = lambda: datetime.now(UTC)) -> Iterator[RepoLock]:
-    lock = acquire(backend, operation, exclusive, clock)
+           clock: Clock = lambda: datetime.now(UTC), unique: bool = False) -> Iterator[RepoLock]:
+    lock = acquire(backend, operation, exclusive, clock, unique)
     try:
         yield lock
     finally:

@@ -66,6 +66,8 @@ class Snapshot:
     tags: list[str] = field(default_factory=list)
     source_info: dict[str, Any] = field(default_factory=dict)
     program: str = ""
+    #: Problems met after the record was written (not stored).
+    warnings: list[str] = field(default_factory=list)
 
     @property
     def short_id(self) -> str:

@@ -79,6 +79,22 @@ class DiskStream(ABC):
         return {}
 
 
+class ChangeTracking(ABC):
+    """A source that keeps change-tracking state (dirty bitmaps) in the VM."""
+
+    @abstractmethod
+    def list_bitmaps(self) -> list[dict[str, Any]]:
+        """vmrepo's bitmaps on the VM, each with ``node``, ``name``, ``repository`` and state."""
+
+    @abstractmethod
+    def remove_bitmaps(self, repository_id: str | None) -> list[dict[str, Any]]:
+        """Remove the bitmaps of one repository (``None``: of every repository)."""
+
+    @abstractmethod
+    def close(self) -> None:
+        """Release the connection to the VM."""
+
+
 class Source(ABC):
     """A source plugin bound to one VM's settings."""
 
