@@ -1,0 +1,113 @@
+"""vmrepo's NBD client against qemu-nbd, cross-checked with libnbd's nbdinfo."""
+
+from __future__ import annotations
+
+import random
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from vmrepo.sources import nbdproto as p
+from vmrepo.sources.errors import SourceUnavailable
+from vmrepo.sources.nbdclient import (
+    Extent,
+    NbdAddress,
+    NbdClient,
+    NbdRequestError,
+    merge_extents,
+)
+
+from .nbdexport import QemuNbd
+
+MiB = 1 << 20
+
+
+@pytest.fixture
+def image(tmp_path: Path) -> Path:
+    """A qcow2 with data, written zeros, holes and a disabled bitmap of the writes."""
+    img = tmp_path / "img.qcow2"
+    subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", str(img), "100M"], check=True)
+    subprocess.run(["qemu-img", "bitmap", "--add", "-g", "65536", str(img), "bm"], check=True)
+    rnd = random.Random(5)
+    src = tmp_path / "random.bin"
+    src.write_bytes(rnd.randbytes(3 * MiB))
+    cmds = ["write -P 1 1M 300k", "write -z 8M 1M", f"write -s {src} 20M 3M",
+            "write -P 2 99M 4k", "write -P 3 50M 512"]
+    args = ["qemu-io", "-f", "qcow2"]
+    for c in cmds:
+        args += ["-c", c]
+    subprocess.run([*args, str(img)], check=True, capture_output=True)
+    subprocess.run(["qemu-img", "bitmap", "--disable", str(img), "bm"], check=True)
+    return img
+
+
+def nbdinfo_map(url: str, context: str) -> list[Extent]:
+    out = subprocess.run(["nbdinfo", f"--map={context}", url], capture_output=True, text=True,
+                         check=True).stdout
+    rows = [line.split() for line in out.splitlines() if line.strip()]
+    return merge_extents(Extent(int(r[0]), int(r[1]), int(r[2])) for r in rows)
+
+
+@pytest.mark.parametrize("context", ["base:allocation", "qemu:dirty-bitmap:bm"])
+def test_extents_match_nbdinfo(image: Path, tmp_path: Path, context: str) -> None:
+    with QemuNbd(image, tmp_path / "s.sock", bitmap="bm") as srv, \
+            NbdClient(NbdAddress.parse(srv.url), [context]) as c:
+        ours = merge_extents(c.block_status(context))
+        assert ours == nbdinfo_map(srv.url, context)
+        assert sum(e.length for e in ours) == c.size == 100 * MiB
+        if context.startswith("qemu:dirty"):
+            assert [e for e in ours if e.flags & 1][0] == Extent(1 * MiB, 5 * 65536, 1)
+
+
+def test_block_status_of_a_subrange(image: Path, tmp_path: Path) -> None:
+    with QemuNbd(image, tmp_path / "s.sock", bitmap="bm") as srv, \
+            NbdClient(NbdAddress.parse(srv.url), ["qemu:dirty-bitmap:bm"]) as c:
+        got = list(c.block_status("qemu:dirty-bitmap:bm", 20 * MiB + 100, 2 * MiB))
+        assert got[0].offset == 20 * MiB + 100
+        assert sum(e.length for e in got) == 2 * MiB and all(e.flags == 1 for e in got)
+
+
+def test_reads_equal_the_image_with_requests_in_flight(image: Path, tmp_path: Path) -> None:
+    raw = tmp_path / "img.raw"
+    subprocess.run(["qemu-img", "convert", "-f", "qcow2", "-O", "raw", str(image), str(raw)],
+                   check=True)
+    want = raw.read_bytes()
+    with QemuNbd(image, tmp_path / "s.sock") as srv, NbdClient(NbdAddress.parse(srv.url)) as c:
+        assert c.structured and c.can_multi_conn
+        got = bytearray()
+        holes = 0
+        for off, data, hs in c.read_ranges([(0, c.size)], depth=6):
+            assert off == len(got)
+            got += data
+            holes += sum(n for _, n in hs)
+        assert bytes(got) == want
+        assert holes > 50 * MiB  # unallocated areas came as hole chunks, not data
+        assert c.pread(50 * MiB, 512) == b"\x03" * 512
+        # An error reply leaves the connection usable.
+        with pytest.raises(NbdRequestError):
+            list(c.read_ranges([(c.size - 10, 20)]))
+        assert c.pread(0, 16) == want[:16]
+
+
+def test_errors(image: Path, tmp_path: Path) -> None:
+    with QemuNbd(image, tmp_path / "s.sock") as srv:
+        with pytest.raises(NbdRequestError, match="unknown export"):
+            NbdClient(NbdAddress.parse(srv.url.replace("/vda", "/nope")))
+        with pytest.raises(NbdRequestError, match="does not offer"):
+            NbdClient(NbdAddress.parse(srv.url), ["qemu:dirty-bitmap:none"])
+        with NbdClient(NbdAddress.parse(srv.url)) as c, pytest.raises(NbdRequestError) as exc:
+            list(c.block_status("base:allocation"))
+        assert exc.value.errno == p.EINVAL
+    with pytest.raises(SourceUnavailable, match="cannot connect"):
+        NbdClient(NbdAddress.parse(f"nbd+unix:///vda?socket={tmp_path}/gone.sock"))
+
+
+def test_urls() -> None:
+    a = NbdAddress.parse("nbd+unix:///vda?socket=/run/x.sock")
+    assert (a.export, a.unix) == ("vda", "/run/x.sock")
+    b = NbdAddress.parse("nbd://127.0.0.1:10810/disk%20a")
+    assert (b.export, b.host, b.port) == ("disk a", "127.0.0.1", 10810)
+    for bad in ("nbd+unix:///vda", "http://x/y", "nbd:///x"):
+        with pytest.raises(ValueError):
+            NbdAddress.parse(bad)
