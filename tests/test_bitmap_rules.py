@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import pytest
-
 from vmrepo.sources import bitmaps as bm
 from vmrepo.sources.base import PriorSnapshot
 

@@ -7,7 +7,6 @@ import subprocess
 from pathlib import Path
 
 import pytest
-
 from vmrepo.sources import nbdproto as p
 from vmrepo.sources.errors import SourceUnavailable
 from vmrepo.sources.nbdclient import (
