@@ -22,7 +22,14 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 
-from vmrepo.sources.base import BackupContext, DiskStream, PriorSnapshot, Source, Wanted
+from vmrepo.sources.base import (
+    BackupContext,
+    Data,
+    DiskStream,
+    PriorSnapshot,
+    Source,
+    Wanted,
+)
 from vmrepo.sources.errors import SourceError
 
 from . import __version__
@@ -109,11 +116,11 @@ class _DiskWriter:
             self.stats.bytes_manifest += stored
         return pid
 
-    def _store_chunk(self, data: bytes) -> tuple[bytes, int]:
+    def _store_chunk(self, data: Data) -> tuple[bytes, int]:
         cid = self.repo.hasher.id(data)
         return cid, self.packer.add(cid, BlobType.CHUNK, data)
 
-    def _emit(self, index: int, data: bytes | None) -> None:
+    def _emit(self, index: int, data: Data | None) -> None:
         self.stats.chunks += 1
         if data is None or data == self.repo.zero_chunk(len(data)):
             self.stats.chunks_zero += 1

@@ -11,8 +11,10 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
+from vmrepo.sources.base import Data
+
 #: Called with (chunk_index, bytes or None for all zeros).
-Emit = Callable[[int, bytes | None], None]
+Emit = Callable[[int, Data | None], None]
 
 
 class ExtentError(ValueError):
@@ -27,7 +29,7 @@ class Partial:
     buf: bytearray | None = None
     covered: list[list[int]] = field(default_factory=list)
 
-    def add(self, start: int, end: int, data: bytes | None) -> None:
+    def add(self, start: int, end: int, data: Data | None) -> None:
         for s, e in self.covered:
             if start < e and s < end:
                 raise ExtentError(f"overlapping extent at chunk offset {start}")
@@ -71,7 +73,7 @@ class ChunkAssembler:
         self.data_bytes = 0
         self.zero_bytes = 0
 
-    def add(self, offset: int, length: int, data: bytes | None) -> None:
+    def add(self, offset: int, length: int, data: Data | None) -> None:
         if offset < 0 or length < 0 or offset + length > self.size:
             raise ExtentError(f"extent {offset}+{length} outside disk of {self.size} bytes")
         if data is not None and len(data) != length:

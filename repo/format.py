@@ -113,7 +113,7 @@ class BlobCodec:
             d = self._local.d = zstandard.ZstdDecompressor()
         return d
 
-    def encode(self, data: bytes) -> bytes:
+    def encode(self, data: bytes | bytearray) -> bytes:
         """Return the stored form: zstd when it saves space, else raw."""
         packed: bytes = self._compressor().compress(data)
         if len(packed) < len(data):

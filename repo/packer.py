@@ -59,7 +59,7 @@ class Packer:
         """Whether the blob is indexed or already on its way into a pack."""
         return blob_id in self.index or blob_id in self._pending
 
-    def add(self, blob_id: bytes, btype: BlobType, data: bytes) -> int:
+    def add(self, blob_id: bytes, btype: BlobType, data: bytes | bytearray) -> int:
         """Store ``data`` unless known; return the stored bytes it added (0 if deduplicated)."""
         self._raise_upload_error()
         with self._lock:

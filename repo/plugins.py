@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from importlib.metadata import entry_points
+from typing import Any, Protocol
 
 from vmrepo.sources.base import Source
 from vmrepo.sources.errors import SourceConfigError
@@ -30,10 +32,16 @@ def open_backend(url: str, create: bool = False) -> Backend:
         raise RepositoryNotFound(url) from None
 
 
-def source_class(name: str) -> type[Source]:
+class SourceFactory(Protocol):
+    """What a ``vmrepo.sources`` entry point provides: a ``from_config`` builder."""
+
+    def from_config(self, vm: str, settings: Mapping[str, Any]) -> Source: ...
+
+
+def source_class(name: str) -> SourceFactory:
     found = entry_points(group="vmrepo.sources", name=name)
     if not found:
         raise SourceConfigError(f"unknown source {name!r} (have: "
                                 f"{', '.join(_names('vmrepo.sources'))})")
-    cls: type[Source] = next(iter(found)).load()
-    return cls
+    factory: SourceFactory = next(iter(found)).load()
+    return factory

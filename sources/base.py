@@ -26,6 +26,8 @@ from dataclasses import dataclass, field
 from typing import Any, Literal
 
 Mode = Literal["full", "changes"]
+#: Extent payloads: bytes, or a bytearray a reader received into (not reused after).
+Data = bytes | bytearray
 Wanted = Literal["auto", "full", "differential"]
 
 
@@ -35,7 +37,7 @@ class Extent:
 
     offset: int
     length: int
-    data: bytes | None = None
+    data: Data | None = None
 
 
 @dataclass(frozen=True)

@@ -1,23 +1,34 @@
-"""The ``file`` source: raw image files (or block devices), one per disk.
+"""The ``file`` source: image files (or block devices), one per disk.
 
-Sparse-aware: the data and hole ranges come from ``SEEK_DATA``/``SEEK_HOLE``
-and holes are reported as zero extents without being read. Every snapshot
-is a full read of the allocated data; deduplication in the repository keeps
-later snapshots small. There is no change tracking, so ``finish`` has
-nothing to commit.
+Raw images are read directly and sparse-aware: the data and hole ranges come
+from ``SEEK_DATA``/``SEEK_HOLE`` and holes are reported as zero extents
+without being read. Images in another format (qcow2, vmdk, ...) are exported
+read-only by a private ``qemu-nbd`` on a unix socket and read through
+vmrepo's NBD client, allocation-aware: unallocated and zero areas are not
+read. Every snapshot is a full read of the allocated data; deduplication in
+the repository keeps later snapshots small. There is no change tracking, so
+``finish`` has nothing to commit.
 """
 
 from __future__ import annotations
 
 import errno
+import json
 import os
 import re
+import shutil
+import signal
 import stat
+import subprocess
+import tempfile
+import time
 from collections.abc import Iterator, Mapping
 from typing import Any
 
 from .base import BackupContext, DiskStream, Extent, Source
 from .errors import DiskUnreadable, SourceConfigError
+from .nbdclient import NbdAddress, NbdClient
+from .nbdread import ALLOCATION, ReadCounters, read_disk
 
 #: Upper bound of one read; reads are aligned to the chunk size.
 READ_BLOCK = 4 << 20
@@ -85,13 +96,9 @@ class FileDisk(DiskStream):
         except DiskUnreadable:
             self.close()
             raise
-        for magic, fmt in _FORMAT_MAGIC.items():
-            if head.startswith(magic):
-                self.close()
-                raise DiskUnreadable(
-                    f"disk {name}: {path} is a {fmt} image; the file source reads raw images",
-                    name,
-                )
+        if any(head.startswith(magic) for magic in _FORMAT_MAGIC):
+            self.close()
+            raise DiskUnreadable(f"disk {name}: {path} is not a raw image", name)
 
     def extents(self) -> Iterator[Extent]:
         try:
@@ -127,6 +134,90 @@ class FileDisk(DiskStream):
             self._fd = -1
 
 
+def image_format(path: str) -> str:
+    """``raw`` for raw images and devices, else the format qemu-img reports."""
+    try:
+        with open(path, "rb") as f:
+            head = f.read(8)
+    except OSError:
+        return "raw"  # FileDisk reports the error with its context
+    if not any(head.startswith(magic) for magic in _FORMAT_MAGIC):
+        return "raw"
+    try:
+        res = subprocess.run(["qemu-img", "info", "-U", "--output=json", path],
+                             capture_output=True, text=True, check=False)
+    except FileNotFoundError:
+        raise DiskUnreadable(f"{path} is an image file: reading it needs qemu-img "
+                             "(qemu-utils)") from None
+    if res.returncode != 0:
+        raise DiskUnreadable(f"cannot read image {path}: {res.stderr.strip()}")
+    return str(json.loads(res.stdout)["format"])
+
+
+class ImageDisk(DiskStream):
+    """An image file in a format QEMU knows, read through a private qemu-nbd export."""
+
+    def __init__(self, name: str, path: str, fmt: str) -> None:
+        self.name, self.path, self.fmt = name, path, fmt
+        self.mode = "full"
+        self.reason = f"the file source reads every allocated byte ({fmt} through qemu-nbd)"
+        self.base_snapshot = None
+        self.counters = ReadCounters()
+        self._dir = tempfile.mkdtemp(prefix="vmrepo-image-")
+        sock = os.path.join(self._dir, "nbd.sock")
+        try:
+            self._proc: subprocess.Popen[bytes] | None = subprocess.Popen(
+                ["qemu-nbd", "--read-only", f"--format={fmt}", "--export-name=d",
+                 f"--socket={sock}", "--persistent", path],
+                stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        except FileNotFoundError:
+            shutil.rmtree(self._dir, ignore_errors=True)
+            raise DiskUnreadable(f"disk {name}: reading {fmt} images needs qemu-nbd "
+                                 "(qemu-utils)", name) from None
+        try:
+            self._wait_for(sock)
+            self.client = NbdClient(NbdAddress("d", unix=sock), [ALLOCATION])
+        except BaseException:
+            self.close()
+            raise
+        self.size = self.client.size
+
+    def _wait_for(self, sock: str) -> None:
+        assert self._proc is not None
+        deadline = time.monotonic() + 30
+        while not os.path.exists(sock):
+            if self._proc.poll() is not None or time.monotonic() > deadline:
+                err = self._proc.stderr.read().decode().strip() if self._proc.stderr else ""
+                raise DiskUnreadable(f"disk {self.name}: qemu-nbd cannot export {self.path}: "
+                                     f"{err.splitlines()[-1] if err else 'timeout'}", self.name)
+            time.sleep(0.01)
+
+    def extents(self) -> Iterator[Extent]:
+        yield from read_disk(self.client, [(0, self.size)], self.counters)
+
+    def report(self) -> dict[str, Any]:
+        return {"path": self.path, "format": self.fmt, "bytes_read": self.counters.bytes_read,
+                "bytes_zero": self.counters.bytes_zero}
+
+    def close(self) -> None:
+        client = getattr(self, "client", None)
+        if client is not None:
+            client.close()
+            self.client = None  # type: ignore[assignment]
+        if self._proc is not None:
+            if self._proc.poll() is None:
+                os.kill(self._proc.pid, signal.SIGTERM)
+                try:
+                    self._proc.wait(10)
+                except subprocess.TimeoutExpired:
+                    os.kill(self._proc.pid, signal.SIGKILL)
+                    self._proc.wait()
+            if self._proc.stderr is not None:
+                self._proc.stderr.close()
+            self._proc = None
+        shutil.rmtree(self._dir, ignore_errors=True)
+
+
 class FileSource(Source):
     """Raw image files named in the VM's ``disks`` table."""
 
@@ -135,7 +226,7 @@ class FileSource(Source):
     def __init__(self, vm: str, disks: Mapping[str, str]) -> None:
         self.vm = vm
         self.disks = dict(disks)
-        self._open: list[FileDisk] = []
+        self._open: list[FileDisk | ImageDisk] = []
 
     @classmethod
     def from_config(cls, vm: str, settings: Mapping[str, Any]) -> FileSource:
@@ -154,7 +245,9 @@ class FileSource(Source):
     def begin(self, context: BackupContext) -> list[DiskStream]:
         try:
             for name, path in self.disks.items():
-                self._open.append(FileDisk(name, path, context.chunk_size))
+                fmt = image_format(path)
+                self._open.append(FileDisk(name, path, context.chunk_size) if fmt == "raw"
+                                  else ImageDisk(name, path, fmt))
         except BaseException:
             self._close_all()
             raise

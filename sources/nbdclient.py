@@ -105,10 +105,20 @@ class _Read:
 
 def _recv_into(sock: socket.socket, view: memoryview) -> None:
     while view:
-        n = sock.recv_into(view, len(view), socket.MSG_WAITALL)
+        try:
+            n = sock.recv_into(view, len(view), socket.MSG_WAITALL)
+        except OSError as exc:
+            raise NbdProtocolError(f"the NBD connection broke: {exc.strerror or exc}") from None
         if n == 0:
             raise NbdProtocolError("the NBD server closed the connection")
         view = view[n:]
+
+
+def _send(sock: socket.socket, data: bytes) -> None:
+    try:
+        sock.sendall(data)
+    except OSError as exc:
+        raise NbdProtocolError(f"the NBD connection broke: {exc.strerror or exc}") from None
 
 
 def _recv(sock: socket.socket, n: int) -> bytes:
@@ -149,7 +159,7 @@ class NbdClient:
     # -- handshake ---------------------------------------------------------
 
     def _option(self, opt: int, data: bytes = b"") -> None:
-        self.sock.sendall(p.OPTION.pack(p.IHAVEOPT, opt, len(data)) + data)
+        _send(self.sock, p.OPTION.pack(p.IHAVEOPT, opt, len(data)) + data)
 
     def _option_reply(self, opt: int) -> tuple[int, bytes]:
         magic, ropt, rtype, length = p.OPTION_REPLY.unpack(_recv(self.sock, p.OPTION_REPLY.size))
@@ -166,7 +176,7 @@ class NbdClient:
         if not hflags & p.FLAG_FIXED_NEWSTYLE:
             raise NbdProtocolError("the server does not speak fixed newstyle")
         cflags = p.FLAG_C_FIXED_NEWSTYLE | (p.FLAG_C_NO_ZEROES if hflags & p.FLAG_NO_ZEROES else 0)
-        self.sock.sendall(p.CLIENT_FLAGS.pack(cflags))
+        _send(self.sock, p.CLIENT_FLAGS.pack(cflags))
         name = self.address.export.encode()
         self._option(p.OPT_STRUCTURED_REPLY)
         rtype, _ = self._option_reply(p.OPT_STRUCTURED_REPLY)
@@ -237,8 +247,8 @@ class NbdClient:
 
     def _request(self, cmd: int, offset: int, length: int, flags: int = 0) -> int:
         self._cookie += 1
-        self.sock.sendall(p.REQUEST.pack(p.REQUEST_MAGIC, flags, cmd, self._cookie, offset,
-                                         length))
+        _send(self.sock, p.REQUEST.pack(p.REQUEST_MAGIC, flags, cmd, self._cookie, offset,
+                                        length))
         return self._cookie
 
     def _chunk_header(self) -> tuple[int, int, int, int, int]:
@@ -402,7 +412,7 @@ class NbdClient:
             pos = got[-1].offset + got[-1].length
 
     def close(self) -> None:
-        with contextlib.suppress(OSError):
+        with contextlib.suppress(OSError, NbdError):
             self._request(p.CMD_DISC, 0, 0)
         with contextlib.suppress(OSError):
             self.sock.shutdown(socket.SHUT_RDWR)

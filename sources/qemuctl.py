@@ -286,6 +286,38 @@ class QemuSource(Source, ChangeTracking):
     def info(self) -> dict[str, Any]:
         return dict(self._info)
 
+    # -- finish: shared order, data-path specifics in the hooks below ----------
+
+    def vm_disks(self) -> Sequence[VmDisk]:
+        """The disks of the snapshot in progress."""
+        return []
+
+    def stop_io(self, committed: bool) -> None:
+        """Stop the data path before QEMU is tidied up."""
+
+    def teardown(self, conn: QmpConnection, committed: bool, problems: list[str]) -> None:
+        """End jobs, exports and nodes of the snapshot (QEMU is reachable)."""
+
+    def release(self) -> None:
+        """Free local resources (servers, scratch files), whatever happened."""
+
+    def finish(self, committed: bool) -> None:
+        problems: list[str] = []
+        conn = self._conn
+        try:
+            self.stop_io(committed)
+            if conn is not None and conn.connected:
+                self.teardown(conn, committed, problems)
+                self.settle_bitmaps(conn, self.vm_disks(), committed, problems)
+            elif self.vm_disks():
+                problems.append("QEMU is gone; its bitmaps are checked on the next snapshot")
+        finally:
+            self.release()
+            self.close()
+        if committed and problems:
+            raise SourceError("snapshot committed, but QEMU clean-up failed: "
+                              + "; ".join(problems))
+
     # -- bitmap management for `vmrepo bitmaps` ------------------------------
 
     def list_bitmaps(self) -> list[dict[str, Any]]:

@@ -32,7 +32,7 @@ from .errors import SourceError
 from .nbdserver import NbdServer
 from .pushexport import PushExport
 from .qemuctl import QemuSource, VmDisk, bitmap_count, end_job
-from .qmpconn import QmpDisconnected
+from .qmpconn import QmpConnection, QmpDisconnected
 
 JOB_END_STATES = ("waiting", "pending")
 
@@ -142,31 +142,26 @@ class QmpSource(QemuSource):
 
     # -- finish ---------------------------------------------------------------
 
-    def finish(self, committed: bool) -> None:
-        problems: list[str] = []
-        conn = self._conn
-        try:
-            if not committed:
-                for d in self._disks:
-                    d.push.abort()
-            if conn is not None and conn.connected:
-                for d in self._disks:
-                    try:
-                        end_job(conn, d.job, finalize=committed)
-                    except SourceError as exc:
-                        problems.append(str(exc))
-                for d in self._disks:
-                    with contextlib.suppress(SourceError):
-                        conn.execute("blockdev-del", {"node-name": d.target})
-                self.settle_bitmaps(conn, self._disks, committed, problems)
-            elif self._disks:
-                problems.append("QEMU is gone; its bitmaps are checked on the next snapshot")
-        finally:
-            if self._server is not None:
-                self._server.stop()
-            if self._scratch is not None:
-                shutil.rmtree(self._scratch, ignore_errors=True)
-            self.close()
-        if committed and problems:
-            raise SourceError("snapshot committed, but QEMU clean-up failed: "
-                              + "; ".join(problems))
+    def vm_disks(self) -> list[PushDisk]:
+        return self._disks
+
+    def stop_io(self, committed: bool) -> None:
+        if not committed:
+            for d in self._disks:
+                d.push.abort()
+
+    def teardown(self, conn: QmpConnection, committed: bool, problems: list[str]) -> None:
+        for d in self._disks:
+            try:
+                end_job(conn, d.job, finalize=committed)
+            except SourceError as exc:
+                problems.append(str(exc))
+        for d in self._disks:
+            with contextlib.suppress(SourceError):
+                conn.execute("blockdev-del", {"node-name": d.target})
+
+    def release(self) -> None:
+        if self._server is not None:
+            self._server.stop()
+        if self._scratch is not None:
+            shutil.rmtree(self._scratch, ignore_errors=True)

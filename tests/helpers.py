@@ -100,3 +100,21 @@ class MemorySource(Source):
 
     def finish(self, committed: bool) -> None:
         self.finished.append(committed)
+
+
+def wait_for_socket(path: Path, proc: subprocess.Popen[bytes], timeout: float = 20) -> None:
+    """Wait until a unix socket accepts connections (its file appears before listen())."""
+    import socket
+    import time
+
+    deadline = time.monotonic() + timeout
+    while True:
+        assert proc.poll() is None, f"{proc.args} exited with {proc.returncode}"
+        with socket.socket(socket.AF_UNIX) as s:
+            try:
+                s.connect(str(path))
+                return
+            except OSError:
+                if time.monotonic() > deadline:
+                    raise
+        time.sleep(0.02)

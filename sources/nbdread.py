@@ -1,0 +1,57 @@
+"""Reading a disk through the NBD client: only what is asked, zeros without reading.
+
+Given the ranges to back up (the whole disk, or the dirty extents of a
+bitmap), ``base:allocation`` tells which parts read as zeros: those become
+zero extents without a READ; the rest is read with several requests in
+flight. A dirty range that reads as zeros is therefore recorded as zeros.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass
+
+from .base import Extent
+from .nbdclient import NbdClient, merge_extents
+
+ALLOCATION = "base:allocation"
+STATE_HOLE = 1
+STATE_ZERO = 2
+DIRTY = 1
+
+
+def bitmap_context(name: str) -> str:
+    """The meta context of a bitmap name (or a full context name as it is)."""
+    return name if ":" in name else f"qemu:dirty-bitmap:{name}"
+
+
+@dataclass
+class ReadCounters:
+    bytes_read: int = 0
+    bytes_zero: int = 0
+    reads: int = 0
+
+
+def dirty_ranges(client: NbdClient, context: str) -> list[tuple[int, int]]:
+    """The ranges a dirty-bitmap context marks dirty."""
+    return [(e.offset, e.length) for e in merge_extents(client.block_status(context))
+            if e.flags & DIRTY]
+
+
+def read_disk(client: NbdClient, ranges: Iterable[tuple[int, int]], counters: ReadCounters,
+              check: Callable[[], None] | None = None, depth: int = 4) -> Iterator[Extent]:
+    """Yield the extents of ``ranges``: zero extents where the export reads as zeros."""
+    for off, n in ranges:
+        reads: list[tuple[int, int]] = []
+        for e in merge_extents(client.block_status(ALLOCATION, off, n)):
+            if e.flags & STATE_ZERO:
+                counters.bytes_zero += e.length
+                yield Extent(e.offset, e.length, None)
+            else:
+                reads.append((e.offset, e.length))
+        for roff, buf, _holes in client.read_ranges(reads, depth=depth):
+            if check is not None:
+                check()
+            counters.bytes_read += len(buf)
+            counters.reads += 1
+            yield Extent(roff, len(buf), buf)
