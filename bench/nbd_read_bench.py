@@ -23,9 +23,9 @@ import tempfile
 import time
 from pathlib import Path
 
+from vmrepo.memtune import tune_malloc
 from vmrepo.sources.nbdclient import NbdAddress, NbdClient
 from vmrepo.sources.nbdread import ALLOCATION, ReadCounters, read_disk
-from vmrepo.memtune import tune_malloc
 from vmrepo.units import human_bytes, parse_size
 
 TEXT = bytes(b" etaoinshrdlucmfwypvbgkqjxz\n"[i % 28] for i in range(256))
