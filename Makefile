@@ -25,6 +25,7 @@ lint: $(VENV)/.installed
 
 bench: system-deps bench-deps $(VENV)/.installed
 	$(PY) bench/snapshot_bench.py $(BENCH_ARGS)
+	$(PY) bench/nbd_read_bench.py
 
 system-deps:
 	@./.ci/apt-ensure $(SYSTEM_DEPS)
