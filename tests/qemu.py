@@ -20,8 +20,9 @@ from vmrepo.sources.qmpconn import QmpConnection
 
 class QemuVM:
     def __init__(self, workdir: Path, disks: dict[str, int] | None = None,
-                 name: str = "vm") -> None:
+                 name: str = "vm", extra_args: list[str] | None = None) -> None:
         self.workdir = workdir
+        self.extra_args = extra_args or []
         self.name = name
         self.qmp_path = workdir / f"{name}.qmp"  # for vmrepo
         self.test_qmp_path = workdir / f"{name}-test.qmp"  # for the test itself
@@ -42,7 +43,7 @@ class QemuVM:
             self.proc = subprocess.Popen(
                 ["qemu-system-x86_64", "-M", "none", "-nodefaults", "-display", "none",
                  "-qmp", f"unix:{self.qmp_path},server=on,wait=off",
-                 "-qmp", f"unix:{self.test_qmp_path},server=on,wait=off"],
+                 "-qmp", f"unix:{self.test_qmp_path},server=on,wait=off", *self.extra_args],
                 stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=log)
         deadline = time.monotonic() + 30
         while not (self.qmp_path.exists() and self.test_qmp_path.exists()):

@@ -110,3 +110,35 @@ def test_urls() -> None:
     for bad in ("nbd+unix:///vda", "http://x/y", "nbd:///x"):
         with pytest.raises(ValueError):
             NbdAddress.parse(bad)
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def test_tcp_export(image: Path, tmp_path: Path) -> None:
+    port = free_port()
+    proc = subprocess.Popen(["qemu-nbd", "-r", "-t", "-f", "qcow2", "-x", "vda", "-b",
+                             "127.0.0.1", "-p", str(port), str(image)],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        import time
+
+        deadline = time.monotonic() + 20
+        while True:
+            try:
+                c = NbdClient(NbdAddress.parse(f"nbd://127.0.0.1:{port}/vda"), ["base:allocation"])
+                break
+            except SourceUnavailable:
+                assert time.monotonic() < deadline
+                time.sleep(0.05)
+        with c:
+            assert c.size == 100 * MiB
+            assert c.pread(50 * MiB, 512) == b"\x03" * 512
+    finally:
+        proc.terminate()
+        proc.wait(10)

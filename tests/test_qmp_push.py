@@ -393,3 +393,26 @@ def test_unreachable_qmp_socket_is_one_line(tmp_path: Path) -> None:
     assert res.returncode == exitcodes.SOURCE
     assert "cannot connect to QMP" in res.stderr
     assert len(res.stderr.strip().splitlines()) == 1
+
+
+def test_qmp_over_tcp(tmp_path: Path) -> None:
+    from .test_nbd_client import free_port
+
+    port = free_port()
+    machine = QemuVM(tmp_path, {"disk0": 16 * MiB},
+                     extra_args=["-qmp", f"tcp:127.0.0.1:{port},server=on,wait=off"])
+    machine.start()
+    try:
+        machine.write("disk0", "write -P 4 0 1M")
+        (tmp_path / "vmrepo.toml").write_text(
+            f'repository = "repo"\n[vm.vm1]\nsource = "qmp"\nsocket = "127.0.0.1:{port}"\n')
+        run_cli("init", cwd=tmp_path)
+        doc = run_json("snapshot", "vm1", cwd=tmp_path)
+        assert [d["name"] for d in doc["disks"]] == ["disk0"]
+        assert doc["source"]["info"]["qmp"] == f"127.0.0.1:{port}"
+        ref = machine.reference("disk0", tmp_path / "ref.raw")
+        out = tmp_path / "out.raw"
+        run_cli("restore", "vm1@latest", "--disk", "disk0", "-o", str(out), cwd=tmp_path)
+        assert subprocess.run(["cmp", str(out), str(ref)]).returncode == 0
+    finally:
+        machine.kill()
