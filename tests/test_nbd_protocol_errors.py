@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import socket
 import struct
 import threading
@@ -68,11 +69,8 @@ def serve(tmp_path: Path) -> Iterator[Callable[[Script], NbdAddress]]:
 
         def run() -> None:
             conn, _ = lst.accept()
-            with conn:
-                try:
-                    script(conn)
-                except (ConnectionError, OSError):
-                    pass
+            with conn, contextlib.suppress(ConnectionError, OSError):
+                script(conn)
 
         t = threading.Thread(target=run, daemon=True)
         t.start()
