@@ -125,9 +125,12 @@ def snapshot(repo: str | None, config: str | None, as_json: bool, vm: str,
     r = ctx.open_repo()
     started = time.monotonic()
     with locked(r.backend, f"snapshot {vm}", unique=True) as lock:
-        warn_stale(lock.stale, as_json)
+        warn_stale(lock.stale)
         snap = _snapshot_with_progress(r, source, vm, tags, mode or "auto", as_json)
     elapsed = time.monotonic() - started
+    for d in snap.disks:
+        if d.source.get("fallback"):
+            click.echo(f"vmrepo: warning: disk {d.name}: {d.reason}", err=True)
     for w in snap.warnings:
         click.echo(f"vmrepo: warning: {w}", err=True)
     doc = snapshot_doc(snap, elapsed)
@@ -141,7 +144,7 @@ def _snapshot_with_progress(r: Repository, source: Any, vm: str, tags: tuple[str
         bar: list[Callable[[int], None] | None] = [None]
 
         def on_begin(disks: list[DiskStream]) -> None:
-            total = sum(d.size for d in disks)
+            total = sum(d.work_bytes() for d in disks)
             bar[0] = stack.enter_context(progress_bar(total, f"snapshot {vm}", not as_json))
 
         def progress(n: int) -> None:
@@ -153,7 +156,7 @@ def _snapshot_with_progress(r: Repository, source: Any, vm: str, tags: tuple[str
         return take_snapshot(r, source, opts)
 
 
-def warn_stale(stale: list[Any], as_json: bool) -> None:
+def warn_stale(stale: list[Any]) -> None:
     for lock, why in stale:
         click.echo(f"vmrepo: warning: stale {lock.describe()}: {why}; "
                    "`vmrepo unlock` removes it", err=True)
@@ -280,7 +283,7 @@ def restore(repo: str | None, config: str | None, as_json: bool, spec: str, outp
     total = sum(d.size for d in disks)
     with locked(r.backend, f"restore {snap.vm}") as lock, \
             progress_bar(total, f"restore {snap.vm}", not as_json) as advance:
-        warn_stale(lock.stale, as_json)
+        warn_stale(lock.stale)
         for d in disks:
             target = output if single else output / f"{d.name}.{fmt}"
             stats: RestoreStats

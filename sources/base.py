@@ -80,6 +80,10 @@ class DiskStream(ABC):
         """Figures the source measured for this disk, stored in the record."""
         return {}
 
+    def work_bytes(self) -> int:
+        """How many bytes this pass will cover (the whole disk unless the source knows)."""
+        return self.size
+
 
 class ChangeTracking(ABC):
     """A source that keeps change-tracking state (dirty bitmaps) in the VM."""

@@ -49,6 +49,9 @@ class VmDisk(DiskStream):
         self.reason = self.plan.reason
         self.base_snapshot = self.plan.base_snapshot
 
+    def work_bytes(self) -> int:
+        return self.expected
+
     def report(self) -> dict[str, Any]:
         return {"node": self.source.node, "bitmap": self.plan.source_bitmap,
                 "new_bitmap": self.new_bitmap, "expected_bytes": self.expected,

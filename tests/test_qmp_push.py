@@ -136,7 +136,10 @@ def test_fallbacks_are_per_disk_with_reasons(vm: QemuVM) -> None:
     snap(vm)
 
     def expect(reason: str, *, fallback_disk: str = "disk1") -> dict[str, Any]:
-        doc = snap(vm)
+        res = run_cli("snapshot", "vm1", "--json", cwd=vm.workdir)
+        assert f"warning: disk {fallback_disk}: full instead of incremental" in res.stderr
+        assert reason in res.stderr
+        doc: dict[str, Any] = json.loads(res.stdout)
         other = "disk0" if fallback_disk == "disk1" else "disk1"
         assert disk(doc, fallback_disk)["taken"] == "full", doc
         assert reason in disk(doc, fallback_disk)["reason"]
