@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import random
 import signal
@@ -327,3 +328,18 @@ def test_qcow2_file_reads_only_allocated_data(tmp_path: Path) -> None:
     assert_restore_equals(tmp_path, "img@latest", "disk0", img)
     assert not list(Path("/tmp").glob("vmrepo-image-*/nbd.sock"))
 
+
+
+def test_fallback_is_per_disk(vm: QemuVM) -> None:
+    vm.write("disk0", "write -P 1 0 1M")
+    first = run_json("snapshot", "vm1", cwd=vm.workdir)
+    name = next(b["name"] for b in vm.bitmaps("disk1") if b["name"].endswith(first["id"][:32]))
+    vm.cmd("block-dirty-bitmap-remove", {"node": "disk1", "name": name})
+    vm.write("disk0", "write -P 2 3M 4k")
+    res = run_cli("snapshot", "vm1", "--json", cwd=vm.workdir)
+    assert "warning: disk disk1: full instead of incremental" in res.stderr
+    doc = json.loads(res.stdout)
+    assert [d["taken"] for d in doc["disks"]] == ["incremental", "full"]
+    assert "is missing" in doc["disks"][1]["reason"]
+    for d in ("disk0", "disk1"):
+        compare(vm, doc["id"], d, vm.reference(d, vm.workdir / f"ref-{d}.raw"))

@@ -419,3 +419,58 @@ def test_qmp_over_tcp(tmp_path: Path) -> None:
         assert subprocess.run(["cmp", str(out), str(ref)]).returncode == 0
     finally:
         machine.kill()
+
+
+def test_byte_count_mismatch_fails_the_disk() -> None:
+    """The cross-check: QEMU must send exactly what the bitmap counted."""
+    from vmrepo.sources.bitmaps import Plan
+    from vmrepo.sources.pushexport import PushExport
+    from vmrepo.sources.qemuctl import Node
+    from vmrepo.sources.qmp import PushDisk
+
+    export = PushExport("d0", 4 * MiB)
+    disk = PushDisk(source=Node("disk0", "disk0", 4 * MiB, []),
+                    plan=Plan("changes", "test", "bm", "s" * 64), index=0, new_bitmap="n",
+                    temp_bitmap="t", export=export, expected=2 * CHUNK)
+    export.pwrite(0, b"x" * CHUNK)
+    export.end()
+    got = []
+    with pytest.raises(SourceError, match="QEMU sent 262144 bytes, the bitmap promised 524288"):
+        for ext in disk.extents():
+            got.append(ext)
+    assert [e.offset for e in got] == [0]
+
+
+def test_device_ids_name_disks(tmp_path: Path) -> None:
+    """Disks configured by device id (as libvirt names them) resolve to their qcow2 nodes."""
+    machine = QemuVM(tmp_path, {}, extra_args=["-M", "q35", "-S", "-blockdev",
+                                               "driver=file,node-name=f0,filename="
+                                               f"{tmp_path}/d.qcow2", "-blockdev",
+                                               "driver=qcow2,node-name=disk0,file=f0",
+                                               "-device", "virtio-blk-pci,drive=disk0,id=vda"])
+    subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", str(tmp_path / "d.qcow2"),
+                    "16M"], check=True)
+    machine.start()
+    try:
+        dev = "-d /machine/peripheral/vda/virtio-backend"
+        machine.cmd("human-monitor-command",
+                    {"command-line": f'qemu-io {dev} "write -P 6 1M 64k"'})
+        (tmp_path / "vmrepo.toml").write_text(
+            f'repository = "repo"\n[vm.vm1]\nsource = "qmp"\nsocket = "{machine.qmp_path}"\n'
+            'disks = ["vda"]\n')
+        run_cli("init", cwd=tmp_path)
+        first = run_json("snapshot", "vm1", cwd=tmp_path)
+        assert [(d["name"], d["source"]["node"]) for d in first["disks"]] == [("vda", "disk0")]
+        machine.cmd("human-monitor-command",
+                    {"command-line": f'qemu-io {dev} "write -P 7 2M 4k"'})
+        second = run_json("snapshot", "vm1", cwd=tmp_path)
+        assert second["disks"][0]["taken"] == "incremental"
+        assert second["disks"][0]["stats"]["chunks"] == 1
+        (tmp_path / "vmrepo.toml").write_text(
+            f'repository = "repo"\n[vm.vm1]\nsource = "qmp"\nsocket = "{machine.qmp_path}"\n'
+            'disks = ["vdb"]\n')
+        res = run_cli("snapshot", "vm1", cwd=tmp_path, check=False)
+        assert res.returncode == exitcodes.SOURCE
+        assert "disk vdb: no block node or device of that name" in res.stderr
+    finally:
+        machine.kill()
