@@ -35,7 +35,7 @@ from vmrepo.sources.errors import SourceError
 from . import __version__
 from .chunker import ChunkAssembler
 from .errors import IntegrityError, SnapshotNotFound
-from .format import ZERO_ID, BlobType
+from .format import ID_SIZE, ZERO_ID, BlobType
 from .manifest import Manifest, ManifestBuilder
 from .packer import Packer
 from .repository import Repository
@@ -104,7 +104,6 @@ class _DiskWriter:
             load_page=(lambda n: repo.page(base, n)) if base is not None else None,
             base=base,
         )
-        self._base_pages: dict[int, bytes] = {}
         self._inflight: deque[tuple[int, Future[tuple[bytes, int]]]] = deque()
         self._max_inflight = workers * 4
 
@@ -140,12 +139,11 @@ class _DiskWriter:
         self.builder.set(index, cid)
 
     def _base_chunk(self, index: int) -> bytes:
+        """The base snapshot's content of a chunk the source sent only in part."""
         assert self.base is not None
         page_no, slot = divmod(index, self.base.page_entries)
-        page = self._base_pages.get(page_no)
-        if page is None:
-            page = self._base_pages[page_no] = self.repo.page(self.base, page_no)
-        cid = page[slot * 32 : (slot + 1) * 32]
+        page = self.repo.page(self.base, page_no)
+        cid = page[slot * ID_SIZE : (slot + 1) * ID_SIZE]
         return self.repo.read_chunk(cid, self.base.chunk_length(index))
 
     def run(self) -> DiskRecord:
