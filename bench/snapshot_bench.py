@@ -7,7 +7,7 @@ and bytes added for each, the ratios against vmrepo, and checks that
 vmrepo's restores are byte-identical and that its differential qcow2 on top
 of the first restore equals the second image (qemu-img compare).
 
-    python bench/snapshot_bench.py [--size 2G] [--keep DIR]
+    python bench/snapshot_bench.py [--size 2G] [--repeat 3] [--keep DIR]
 """
 
 from __future__ import annotations
@@ -92,19 +92,20 @@ def main() -> None:
     ap.add_argument("--size", default="2G")
     ap.add_argument("--keep", type=Path, help="work in DIR and keep it")
     ap.add_argument("--skip", action="append", default=[], help="skip a tool (borg, restic)")
+    ap.add_argument("--repeat", type=int, default=3, help="full runs per tool (best counts)")
     args = ap.parse_args()
     size = parse_size(args.size)
     work = args.keep or Path(tempfile.mkdtemp(prefix="vmrepo-bench-", dir="/var/tmp"))
     work.mkdir(parents=True, exist_ok=True)
     vmrepo = str(Path(sys.executable).parent / "vmrepo")
     try:
-        bench(work, size, vmrepo, args.skip)
+        bench(work, size, vmrepo, args.skip, args.repeat)
     finally:
         if not args.keep:
             shutil.rmtree(work, ignore_errors=True)
 
 
-def bench(work: Path, size: int, vmrepo: str, skip: list[str]) -> None:
+def bench(work: Path, size: int, vmrepo: str, skip: list[str], repeat: int) -> None:
     rnd = random.Random(42)
     img = work / "disk0.raw"
     print(f"bench: building a {human_bytes(size)} image in {work}", flush=True)
@@ -116,46 +117,66 @@ def bench(work: Path, size: int, vmrepo: str, skip: list[str]) -> None:
         f'repository = "{work}/vmrepo"\n[vm.bench]\nsource = "file"\n'
         f'disks = {{ disk0 = "{img}" }}\n')
     tools = ["vmrepo"] + [t for t in ("borg", "restic") if t not in skip and shutil.which(t)]
-    runs: list[Run] = []
     env_borg = {"BORG_REPO": str(work / "borg"), "BORG_PASSPHRASE": "",
                 "BORG_UNKNOWN_UNENCRYPTED_REPO_ACCESS_IS_OK": "yes",
                 "BORG_BASE_DIR": str(work / "borgbase")}
     env_restic = {"RESTIC_REPOSITORY": str(work / "restic"), "RESTIC_PASSWORD": "bench",
                   "RESTIC_CACHE_DIR": str(work / "restic-cache")}
-    subprocess.run([vmrepo, "init", "--config", str(work / "vmrepo.toml")], check=True,
-                   stdout=subprocess.DEVNULL)
-    if "borg" in tools:
-        subprocess.run(["borg", "init", "--encryption", "none"], env={**os.environ, **env_borg},
-                       check=True)
-    if "restic" in tools:
-        subprocess.run(["restic", "init", "-q"], env={**os.environ, **env_restic}, check=True)
+    cfg = ["--config", str(work / "vmrepo.toml")]
+
+    def init(tool: str) -> None:
+        shutil.rmtree(work / tool, ignore_errors=True)
+        if tool == "vmrepo":
+            subprocess.run([vmrepo, "init", *cfg], check=True, stdout=subprocess.DEVNULL)
+        elif tool == "borg":
+            shutil.rmtree(work / "borgbase", ignore_errors=True)
+            subprocess.run(["borg", "init", "--encryption", "none"],
+                           env={**os.environ, **env_borg}, check=True)
+        else:
+            shutil.rmtree(work / "restic-cache", ignore_errors=True)
+            subprocess.run(["restic", "init", "-q"], env={**os.environ, **env_restic},
+                           check=True)
+
+    def backup(tool: str, phase: str) -> tuple[Run, str]:
+        before = dir_size(work / tool)
+        os.sync()  # no tool pays for the write-back of the image or of another tool
+        if tool == "vmrepo":
+            wall, cpu, rss, out = run_measured([vmrepo, "snapshot", "bench", "--json", *cfg])
+        elif tool == "borg":
+            wall, cpu, rss, out = run_measured(
+                ["borg", "create", "--compression", "zstd,3", f"::{phase}", img.name],
+                env=env_borg, cwd=work)
+        else:
+            wall, cpu, rss, out = run_measured(
+                ["restic", "backup", "-q", "--compression", "auto", img.name],
+                env=env_restic, cwd=work)
+        r = Run(tool, phase, wall, cpu, rss, dir_size(work / tool) - before)
+        print(f"  {tool:7} {phase:7} {r.seconds:7.2f} s  cpu {r.cpu:6.2f} s  "
+              f"peak rss {human_bytes(r.max_rss):>10}  added {human_bytes(r.added):>10}  "
+              f"{human_bytes(size / r.seconds)}/s of disk", flush=True)
+        return r, out
 
     snaps: list[dict[str, object]] = []
-    for phase in ("full", "second"):
-        if phase == "second":
-            n = change_image(img, size, change_rnd)
-            print(f"bench: changed {n} blocks of 64 KiB with 4 KiB writes", flush=True)
+    full_runs: dict[str, list[Run]] = {t: [] for t in tools}
+    for rep in range(repeat):
+        # Tools take turns, so a noisy moment hits them alike; each full starts empty.
         for tool in tools:
-            repo_dir = work / tool
-            before = dir_size(repo_dir)
-            os.sync()  # no tool pays for the write-back of the image or of another tool
-            if tool == "vmrepo":
-                wall, cpu, rss, out = run_measured(
-                    [vmrepo, "snapshot", "bench", "--json", "--config", str(work / "vmrepo.toml")])
+            init(tool)
+            r, out = backup(tool, "full")
+            full_runs[tool].append(r)
+            if tool == "vmrepo" and rep == repeat - 1:
                 snaps.append(json.loads(out))
-            elif tool == "borg":
-                wall, cpu, rss, _ = run_measured(
-                    ["borg", "create", "--compression", "zstd,3", f"::{phase}", img.name],
-                    env=env_borg, cwd=work)
-            else:
-                wall, cpu, rss, _ = run_measured(
-                    ["restic", "backup", "-q", "--compression", "auto", img.name],
-                    env=env_restic, cwd=work)
-            runs.append(Run(tool, phase, wall, cpu, rss, dir_size(repo_dir) - before))
-            r = runs[-1]
-            print(f"  {tool:7} {phase:7} {r.seconds:7.2f} s  cpu {r.cpu:6.2f} s  "
-                  f"peak rss {human_bytes(r.max_rss):>10}  added {human_bytes(r.added):>10}  "
-                  f"{human_bytes(size / r.seconds)}/s of disk", flush=True)
+    runs = [min(full_runs[t], key=lambda r: r.seconds) for t in tools]
+    n = change_image(img, size, change_rnd)
+    print(f"bench: changed {n} blocks of 64 KiB with 4 KiB writes", flush=True)
+    for tool in tools:
+        r, out = backup(tool, "second")
+        runs.append(r)
+        if tool == "vmrepo":
+            snaps.append(json.loads(out))
+    if repeat > 1:
+        print(f"\nbest of {repeat} full runs: "
+              + ", ".join(f"{r.tool} {r.seconds:.2f} s" for r in runs[: len(tools)]))
 
     print("\nvmrepo figures")
     for label, s in zip(("full", "second"), snaps, strict=True):
