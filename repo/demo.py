@@ -24,6 +24,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from qemu.qmp import QMPError
 from qemu.qmp.legacy import QEMUMonitorProtocol
 
 from .units import human_bytes, ratio
@@ -58,8 +59,15 @@ class DemoVM:
             if self.proc.poll() is not None or time.monotonic() > deadline:
                 sys.exit("demo: QEMU did not start (see qemu.log)")
             time.sleep(0.05)
-        self.monitor = QEMUMonitorProtocol(str(own))
-        self.monitor.connect()
+        while True:  # the socket file appears at bind(), a moment before listen()
+            try:
+                self.monitor = QEMUMonitorProtocol(str(own))
+                self.monitor.connect()
+                break
+            except (OSError, QMPError):
+                if self.proc.poll() is not None or time.monotonic() > deadline:
+                    sys.exit("demo: cannot connect to QEMU's monitor (see qemu.log)")
+                time.sleep(0.05)
         for name in DISKS:
             self.cmd("blockdev-add", {"driver": "qcow2", "node-name": name, "file": {
                 "driver": "file", "filename": str(self.work / f"{name}.qcow2")}})

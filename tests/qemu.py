@@ -15,7 +15,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from vmrepo.sources.qmpconn import QmpConnection
+from vmrepo.sources.qmpconn import QmpConnection, QmpDisconnected
 
 
 class QemuVM:
@@ -50,7 +50,14 @@ class QemuVM:
             if self.proc.poll() is not None or time.monotonic() > deadline:
                 raise RuntimeError(f"QEMU did not start: {self.log()}")
             time.sleep(0.02)
-        self.qmp = QmpConnection(str(self.test_qmp_path))
+        while True:  # the socket file appears at bind(), a moment before listen()
+            try:
+                self.qmp = QmpConnection(str(self.test_qmp_path))
+                break
+            except QmpDisconnected:
+                if self.proc.poll() is not None or time.monotonic() > deadline:
+                    raise
+                time.sleep(0.02)
         for disk, path in self.disks.items():
             self.cmd("blockdev-add", {"driver": "qcow2", "node-name": disk,
                                       "file": {"driver": "file", "filename": str(path)}})
