@@ -23,24 +23,11 @@ import tempfile
 import time
 from pathlib import Path
 
+from sampleimage import make_image
 from vmrepo.memtune import tune_malloc
 from vmrepo.sources.nbdclient import NbdAddress, NbdClient
 from vmrepo.sources.nbdread import ALLOCATION, ReadCounters, read_disk
 from vmrepo.units import human_bytes, parse_size
-
-TEXT = bytes(b" etaoinshrdlucmfwypvbgkqjxz\n"[i % 28] for i in range(256))
-STEP = 64 << 20
-
-
-def make_image(path: Path, size: int) -> None:
-    rnd = random.Random(42)
-    third = size // 3 // STEP * STEP
-    with open(path, "wb") as f:
-        f.truncate(size)
-        for _ in range(third // STEP):
-            f.write(rnd.randbytes(STEP))
-        for _ in range(third // STEP):
-            f.write(rnd.randbytes(STEP).translate(TEXT))
 
 
 def timed(fn: object) -> float:
@@ -60,7 +47,7 @@ def main() -> None:
     img, sock = work / "disk.raw", work / "nbd.sock"
     proc = None
     try:
-        make_image(img, size)
+        make_image(img, size, random.Random(42))
         os.sync()
         proc = subprocess.Popen(["qemu-nbd", "-r", "-t", "-f", "raw", "-x", "vda", "-e", "8",
                                  f"--socket={sock}", str(img)],

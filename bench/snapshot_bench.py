@@ -24,10 +24,8 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from sampleimage import make_image
 from vmrepo.units import human_bytes, parse_size
-
-TEXT = bytes(b" etaoinshrdlucmfwypvbgkqjxz\n"[i % 28] for i in range(256))
-STEP = 64 << 20
 
 
 @dataclass
@@ -66,16 +64,6 @@ def run_measured(cmd: list[str], env: dict[str, str] | None = None, cwd: Path | 
 
 def dir_size(path: Path) -> int:
     return sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
-
-
-def make_image(path: Path, size: int, rnd: random.Random) -> None:
-    third = size // 3 // STEP * STEP
-    with open(path, "wb") as f:
-        f.truncate(size)
-        for _ in range(third // STEP):
-            f.write(rnd.randbytes(STEP))
-        for _ in range(third // STEP):
-            f.write(rnd.randbytes(STEP).translate(TEXT))
 
 
 def change_image(path: Path, size: int, rnd: random.Random) -> int:

@@ -1,0 +1,20 @@
+"""The benchmark image: a third random data, a third text-like data, a third holes."""
+
+from __future__ import annotations
+
+import random
+from pathlib import Path
+
+TEXT = bytes(b" etaoinshrdlucmfwypvbgkqjxz\n"[i % 28] for i in range(256))
+STEP = 64 << 20
+
+
+def make_image(path: Path, size: int, rnd: random.Random) -> None:
+    """Write the image sparse: data in the first two thirds, the last third a hole."""
+    third = size // 3 // STEP * STEP
+    with open(path, "wb") as f:
+        f.truncate(size)
+        for _ in range(third // STEP):
+            f.write(rnd.randbytes(STEP))
+        for _ in range(third // STEP):
+            f.write(rnd.randbytes(STEP).translate(TEXT))
