@@ -35,7 +35,8 @@ READ_BLOCK = 4 << 20
 
 DISK_NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
 
-_FORMAT_MAGIC = {b"QFI\xfb": "qcow2", b"KDMV": "vmdk", b"conectix": "vpc", b"vhdxfile": "vhdx"}
+#: Leading bytes of image formats other than raw (qemu-img then tells the format).
+_FORMAT_MAGIC = (b"QFI\xfb", b"KDMV", b"conectix", b"vhdxfile", b"QED\x00", b"<<< ")
 
 
 def data_ranges(fd: int, size: int) -> Iterator[tuple[int, int, bool]]:
@@ -89,16 +90,12 @@ class FileDisk(DiskStream):
                 self.size = st.st_size
             else:
                 raise DiskUnreadable(f"disk {name}: {path} is not a file or block device", name)
-            head = os.pread(self._fd, 8, 0)
         except OSError as exc:
             self.close()
             raise DiskUnreadable(f"disk {name}: cannot read {path}: {exc.strerror}", name) from exc
         except DiskUnreadable:
             self.close()
             raise
-        if any(head.startswith(magic) for magic in _FORMAT_MAGIC):
-            self.close()
-            raise DiskUnreadable(f"disk {name}: {path} is not a raw image", name)
 
     def extents(self) -> Iterator[Extent]:
         try:
