@@ -36,6 +36,14 @@ class QemuVM:
             self.disks[disk] = path
 
     def start(self) -> QemuVM:
+        """Start QEMU; if it does not come up, it is stopped again (by PID) before raising."""
+        try:
+            return self._start()
+        except BaseException:
+            self.kill()
+            raise
+
+    def _start(self) -> QemuVM:
         for path in (self.qmp_path, self.test_qmp_path):
             with contextlib.suppress(FileNotFoundError):
                 path.unlink()
