@@ -133,6 +133,7 @@ class FleecingSource(QemuSource):
         self.scratch_base = scratch or tempfile.gettempdir()
         self.reserve = reserve
         self._scratch: str | None = None
+        self._sockdir: str | None = None
         self._disks: list[PullDisk] = []
         self._watch: FleeceWatch | None = None
         self._server_started = False
@@ -152,18 +153,14 @@ class FleecingSource(QemuSource):
         conn = self.connect()
         if not os.path.isdir(self.scratch_base):
             raise SourceConfigError(f"scratch directory {self.scratch_base} does not exist")
-        # One directory per repository and VM (snapshots of a VM never overlap): what a
-        # killed run left there is removed now.
-        self._scratch = os.path.join(self.scratch_base,
-                                     f"vmrepo-fleece-{context.repository_id[:8]}-{self.vm}")
-        shutil.rmtree(self._scratch, ignore_errors=True)
-        os.mkdir(self._scratch, 0o700)
+        self._scratch = self.private_dir("fleece", self.scratch_base)
+        self._sockdir = self.private_dir("pull")
         self._watch = FleeceWatch(self._scratch, self.reserve)
         free = self._watch.free()
         if free < self.reserve:
             raise SourceError(f"scratch directory {self.scratch_base} has {free} bytes free, "
                               f"fleecing wants at least {self.reserve} (fleece_reserve)")
-        sock = f"{self._scratch}/nbd.sock"
+        sock = f"{self._sockdir}/nbd.sock"
         for i, (node, plan) in enumerate(plans):
             new, temp = self.make_bitmap_names(plan)
             disk = PullDisk(source=node, plan=plan, index=i, new_bitmap=new, temp_bitmap=temp,
@@ -227,8 +224,9 @@ class FleecingSource(QemuSource):
                 conn.execute("blockdev-del", {"node-name": f"{self.names(d.index)}f"})
 
     def release(self) -> None:
-        if self._scratch is not None:
-            shutil.rmtree(self._scratch, ignore_errors=True)
+        for path in (self._scratch, self._sockdir):
+            if path is not None:
+                shutil.rmtree(path, ignore_errors=True)
 
 
 class ExportDisk(DiskStream):

@@ -22,6 +22,7 @@ from abc import ABC, abstractmethod
 from collections.abc import Mapping
 
 from . import nbdproto as p
+from .errors import SourceUnavailable
 
 log = logging.getLogger(__name__)
 
@@ -99,9 +100,10 @@ class NbdServer:
             sock.bind(self.path)
             os.chmod(self.path, 0o600)
             sock.listen(16)
-        except OSError:
+        except OSError as exc:
             sock.close()
-            raise
+            raise SourceUnavailable(f"cannot serve NBD on {self.path}: "
+                                    f"{exc.strerror or exc}") from None
         self._listener = sock
         t = threading.Thread(target=self._accept_loop, name="vmrepo-nbd-accept", daemon=True)
         t.start()

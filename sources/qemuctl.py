@@ -10,6 +10,10 @@ full's on commit; drop the new and temporary ones on failure).
 from __future__ import annotations
 
 import contextlib
+import hashlib
+import os
+import shutil
+import tempfile
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -255,6 +259,21 @@ class QemuSource(Source, ChangeTracking):
         assert self._context is not None
         return (f"{bm.PREFIX}{self._context.repository_id[:8]}-"
                 f"{self._context.snapshot_id[:8]}-{index}")
+
+    def private_dir(self, kind: str, base: str | None = None) -> str:
+        """A fresh 0700 directory for this repository and VM, under ``base`` (default: the
+        temporary directory), short enough for unix socket paths.
+
+        Snapshots of one VM in one repository never overlap (their lock says so), so
+        what a killed run left in it is removed here.
+        """
+        assert self._context is not None
+        vm8 = hashlib.sha256(self.vm.encode()).hexdigest()[:8]
+        path = os.path.join(base or tempfile.gettempdir(),
+                            f"vmrepo-{kind}-{self._context.repository_id[:8]}-{vm8}")
+        shutil.rmtree(path, ignore_errors=True)
+        os.mkdir(path, 0o700)
+        return path
 
     def make_bitmap_names(self, plan: bm.Plan) -> tuple[str, str | None]:
         assert self._context is not None

@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import contextlib
 import shutil
-import tempfile
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -84,7 +83,7 @@ class QmpSource(QemuSource):
         plans = self.prepare(context)
         conn = self.connect()
         conn.subscribe(self._on_event)
-        self._scratch = tempfile.mkdtemp(prefix="vmrepo-push-")
+        self._scratch = self.private_dir("push")
         exports = {}
         for i, (node, plan) in enumerate(plans):
             new, temp = self.make_bitmap_names(plan)
