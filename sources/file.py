@@ -173,11 +173,11 @@ class ImageDisk(DiskStream):
                                  "(qemu-utils)", name) from None
         try:
             self._wait_for(sock)
-            self.client = NbdClient(NbdAddress("d", unix=sock), [ALLOCATION])
+            self._client: NbdClient | None = NbdClient(NbdAddress("d", unix=sock), [ALLOCATION])
         except BaseException:
             self.close()
             raise
-        self.size = self.client.size
+        self.size = self._client.size
 
     def _wait_for(self, sock: str) -> None:
         assert self._proc is not None
@@ -190,17 +190,18 @@ class ImageDisk(DiskStream):
             time.sleep(0.01)
 
     def extents(self) -> Iterator[Extent]:
-        yield from read_disk(self.client, [(0, self.size)], self.counters)
+        assert self._client is not None, "disk closed"
+        yield from read_disk(self._client, [(0, self.size)], self.counters)
 
     def report(self) -> dict[str, Any]:
         return {"path": self.path, "format": self.fmt, "bytes_read": self.counters.bytes_read,
                 "bytes_zero": self.counters.bytes_zero}
 
     def close(self) -> None:
-        client = getattr(self, "client", None)
+        client = getattr(self, "_client", None)
         if client is not None:
             client.close()
-            self.client = None  # type: ignore[assignment]
+            self._client = None
         if self._proc is not None:
             if self._proc.poll() is None:
                 os.kill(self._proc.pid, signal.SIGTERM)
