@@ -24,7 +24,7 @@ import shutil
 import subprocess
 import tempfile
 import threading
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -58,7 +58,8 @@ class PullDisk(VmDisk):
     address: NbdAddress | None = None
     bitmap_context: str | None = None
     counters: ReadCounters = field(default_factory=ReadCounters)
-    check: Any = None
+    #: Raises when the snapshot must stop (the fleece's space is running out).
+    check: Callable[[], None] | None = None
 
     def extents(self) -> Iterator[Extent]:
         assert self.address is not None
@@ -72,7 +73,7 @@ class PullDisk(VmDisk):
             else:
                 ranges = dirty_ranges(client, self.bitmap_context)
                 dirty = sum(n for _, n in ranges)
-                if self.expected and dirty != self.expected:
+                if dirty != self.expected:
                     raise SourceError(f"disk {self.name}: the export shows {dirty} dirty "
                                       f"bytes, the bitmap counts {self.expected}", self.name)
             yield from read_disk(client, ranges, self.counters, self.check)

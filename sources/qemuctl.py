@@ -22,7 +22,7 @@ from typing import Any
 from . import bitmaps as bm
 from .base import BackupContext, ChangeTracking, DiskStream, Source
 from .errors import DiskUnreadable, SourceConfigError, SourceError
-from .qmpconn import QmpConnection
+from .qmpconn import QmpCommandError, QmpConnection
 
 
 @dataclass
@@ -138,8 +138,8 @@ def bitmap_count(conn: QmpConnection, node: str, name: str) -> int:
 def remove_bitmap(conn: QmpConnection, node: str, name: str) -> None:
     try:
         conn.execute("block-dirty-bitmap-remove", {"node": node, "name": name})
-    except SourceError as exc:
-        if getattr(exc, "error_class", "") == "GenericError" and not any(
+    except QmpCommandError as exc:
+        if exc.error_class == "GenericError" and not any(
                 b.name == name for b in bitmaps_of(conn, node)):
             return  # already gone
         raise
@@ -241,7 +241,9 @@ class QemuSource(Source, ChangeTracking):
         version = conn.execute("query-version")["qemu"]
         self._info = {"qmp": self.socket,
                       "qemu": f"{version['major']}.{version['minor']}.{version['micro']}"}
-        cleanup_leftovers(conn, context.repository_id)
+        cleaned = cleanup_leftovers(conn, context.repository_id)
+        if cleaned:
+            self._info["cleaned_up"] = cleaned  # what an interrupted run had left in QEMU
         nodes = select_disks(conn, self.disk_names)
         plans = [(node, bm.plan_disk(size=node.size, bitmaps=node.bitmaps,
                                      repository_id=context.repository_id,

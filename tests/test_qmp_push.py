@@ -255,11 +255,13 @@ def _fill(vm: QemuVM, seed: int) -> None:
         vm.write(name, f"write -s {src} 0 {size}")
 
 
-def _after_failure_next_snapshot_is_complete(vm: QemuVM, before: list[str]) -> None:
+def _after_failure_next_snapshot_is_complete(vm: QemuVM, before: list[str]
+                                              ) -> dict[str, Any]:
     assert _records(vm) == before
     doc = snap(vm)
     assert_restores(vm, doc["id"], references(vm, f"next-{doc['id'][:6]}"))
     assert_clean(vm)
+    return doc
 
 
 def test_repository_failure_mid_backup(vm: QemuVM) -> None:
@@ -340,8 +342,12 @@ def test_vmrepo_sigkill_mid_backup_is_cleaned_by_next_run(vm: QemuVM) -> None:
     _kill_cli_mid_backup(vm, signal.SIGKILL)
     assert _records(vm) == before
     # The killed run left its job and node behind; the next run cleans them up.
-    assert vm.state()["nodes"] or vm.state()["jobs"]
-    _after_failure_next_snapshot_is_complete(vm, before)
+    left = vm.state()
+    assert left["nodes"] and left["jobs"]
+    doc = _after_failure_next_snapshot_is_complete(vm, before)
+    cleaned = doc["source"]["info"]["cleaned_up"]
+    assert {f"job {j['id']}" for j in left["jobs"]} <= set(cleaned)
+    assert {f"node {n}" for n in left["nodes"]} <= set(cleaned)
     assert len(our_bitmaps(vm, "disk0")) == 2  # the newest and the full's
 
 
