@@ -25,7 +25,7 @@ from pathlib import Path
 
 from sampleimage import make_image
 from vmrepo.memtune import tune_malloc
-from vmrepo.sources.nbdclient import NbdAddress, NbdClient
+from vmrepo.sources.nbd.client import NbdAddress, NbdClient
 from vmrepo.sources.nbdread import ALLOCATION, ReadCounters, read_disk
 from vmrepo.units import human_bytes, parse_size
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from vmrepo.sources.errors import SourceConfigError, SourceError
+from vmrepo.sources.nbd.errors import NbdError
 from vmrepo.storage.errors import StorageError
 
 from . import errors as e
@@ -37,6 +38,7 @@ TABLE: list[tuple[type[BaseException], int]] = [
     (e.IncompatibleRepository, INCOMPATIBLE),
     (e.IntegrityError, INTEGRITY),
     (SourceError, SOURCE),
+    (NbdError, SOURCE),
     (StorageError, STORAGE),
     (e.Interrupted, INTERRUPTED),
     (e.VmrepoError, FAILURE),

@@ -27,8 +27,8 @@ from typing import Any
 
 from .base import BackupContext, DiskStream, Extent, Source
 from .errors import DiskUnreadable, SourceConfigError
-from .nbdclient import NbdAddress, NbdClient
-from .nbdread import ALLOCATION, ReadCounters, read_disk
+from .nbd.client import NbdAddress, NbdClient
+from .nbdread import ALLOCATION, ReadCounters, read_disk, source_errors
 
 #: Upper bound of one read; reads are aligned to the chunk size.
 READ_BLOCK = 4 << 20
@@ -173,7 +173,9 @@ class ImageDisk(DiskStream):
                                  "(qemu-utils)", name) from None
         try:
             self._wait_for(sock)
-            self._client: NbdClient | None = NbdClient(NbdAddress("d", unix=sock), [ALLOCATION])
+            with source_errors(name):
+                self._client: NbdClient | None = NbdClient(NbdAddress("d", unix=sock),
+                                                           [ALLOCATION])
         except BaseException:
             self.close()
             raise
@@ -191,7 +193,8 @@ class ImageDisk(DiskStream):
 
     def extents(self) -> Iterator[Extent]:
         assert self._client is not None, "disk closed"
-        yield from read_disk(self._client, [(0, self.size)], self.counters)
+        with source_errors(self.name):
+            yield from read_disk(self._client, [(0, self.size)], self.counters)
 
     def report(self) -> dict[str, Any]:
         return {"path": self.path, "format": self.fmt, "bytes_read": self.counters.bytes_read,

@@ -8,11 +8,14 @@ flight. A dirty range that reads as zeros is therefore recorded as zeros.
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 
 from .base import Extent
-from .nbdclient import NbdClient, merge_extents
+from .errors import DiskUnreadable, SourceUnavailable
+from .nbd.client import NbdClient, merge_extents
+from .nbd.errors import NbdConnectError, NbdError
 
 ALLOCATION = "base:allocation"
 STATE_HOLE = 1
@@ -30,6 +33,17 @@ class ReadCounters:
     bytes_read: int = 0
     bytes_zero: int = 0
     reads: int = 0
+
+
+@contextlib.contextmanager
+def source_errors(disk: str) -> Iterator[None]:
+    """Present the NBD library's errors as the sources' errors, naming the disk."""
+    try:
+        yield
+    except NbdConnectError as exc:
+        raise SourceUnavailable(f"disk {disk}: {exc}", disk) from None
+    except NbdError as exc:
+        raise DiskUnreadable(f"disk {disk}: {exc}", disk) from None
 
 
 def dirty_ranges(client: NbdClient, context: str) -> list[tuple[int, int]]:

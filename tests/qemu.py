@@ -15,7 +15,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from vmrepo.sources.qmpconn import QmpConnection, QmpDisconnected
+from vmrepo.sources.qemu.qmp import QmpConnection, QmpDisconnected
 
 
 class QemuVM:

@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import pytest
-from vmrepo.sources import bitmaps as bm
 from vmrepo.sources.base import PriorSnapshot
+from vmrepo.sources.qemu import bitmaps as bm
 
 REPO = "ab" * 16
 CS = 256 << 10

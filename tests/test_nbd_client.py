@@ -7,15 +7,15 @@ import subprocess
 from pathlib import Path
 
 import pytest
-from vmrepo.sources import nbdproto as p
-from vmrepo.sources.errors import SourceUnavailable
-from vmrepo.sources.nbdclient import (
+from vmrepo.sources.nbd import protocol as p
+from vmrepo.sources.nbd.client import (
     Extent,
     NbdAddress,
     NbdClient,
     NbdRequestError,
     merge_extents,
 )
+from vmrepo.sources.nbd.errors import NbdConnectError
 
 from .nbdexport import QemuNbd
 
@@ -98,7 +98,7 @@ def test_errors(image: Path, tmp_path: Path) -> None:
         with NbdClient(NbdAddress.parse(srv.url)) as c, pytest.raises(NbdRequestError) as exc:
             list(c.block_status("base:allocation"))
         assert exc.value.errno == p.EINVAL
-    with pytest.raises(SourceUnavailable, match="cannot connect"):
+    with pytest.raises(NbdConnectError, match="cannot connect"):
         NbdClient(NbdAddress.parse(f"nbd+unix:///vda?socket={tmp_path}/gone.sock"))
 
 
@@ -133,7 +133,7 @@ def test_tcp_export(image: Path, tmp_path: Path) -> None:
             try:
                 c = NbdClient(NbdAddress.parse(f"nbd://127.0.0.1:{port}/vda"), ["base:allocation"])
                 break
-            except SourceUnavailable:
+            except NbdConnectError:
                 assert time.monotonic() < deadline
                 time.sleep(0.05)
         with c:

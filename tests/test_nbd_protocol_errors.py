@@ -10,8 +10,9 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
-from vmrepo.sources import nbdproto as p
-from vmrepo.sources.nbdclient import NbdAddress, NbdClient, NbdProtocolError, NbdRequestError
+from vmrepo.sources.nbd import protocol as p
+from vmrepo.sources.nbd.client import NbdAddress, NbdClient
+from vmrepo.sources.nbd.errors import NbdProtocolError, NbdRequestError
 
 Script = Callable[[socket.socket], None]
 

@@ -20,8 +20,8 @@ from vmrepo.backup import SnapshotOptions, take_snapshot
 from vmrepo.repository import Repository
 from vmrepo.sources.base import DiskStream
 from vmrepo.sources.errors import SourceError
-from vmrepo.sources.nbd import FleecingSource, PullDisk
-from vmrepo.sources.nbdclient import NbdClient, merge_extents
+from vmrepo.sources.nbd.client import NbdClient, merge_extents
+from vmrepo.sources.pull import FleecingSource, PullDisk
 from vmrepo.storage.local import LocalBackend
 
 from .helpers import run_cli, run_json, vmrepo_bin, wait_for_socket

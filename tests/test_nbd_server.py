@@ -8,8 +8,8 @@ import threading
 from pathlib import Path
 
 import pytest
-from vmrepo.sources import nbdproto as p
-from vmrepo.sources.nbdserver import Export, ExportError, NbdServer
+from vmrepo.sources.nbd import protocol as p
+from vmrepo.sources.nbd.server import Export, ExportError, NbdServer
 
 
 class RamExport(Export):

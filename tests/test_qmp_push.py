@@ -16,9 +16,9 @@ import pytest
 from vmrepo import exitcodes
 from vmrepo.backup import SnapshotOptions, take_snapshot
 from vmrepo.repository import Repository
-from vmrepo.sources import bitmaps as bm
 from vmrepo.sources.errors import SourceError
-from vmrepo.sources.qmp import QmpSource
+from vmrepo.sources.push import QmpSource
+from vmrepo.sources.qemu import bitmaps as bm
 from vmrepo.storage.base import Backend, Payload
 from vmrepo.storage.faulty import FaultyBackend
 from vmrepo.storage.local import LocalBackend
@@ -429,10 +429,10 @@ def test_qmp_over_tcp(tmp_path: Path) -> None:
 
 def test_byte_count_mismatch_fails_the_disk() -> None:
     """The cross-check: QEMU must send exactly what the bitmap counted."""
-    from vmrepo.sources.bitmaps import Plan
-    from vmrepo.sources.pushexport import PushExport
-    from vmrepo.sources.qemuctl import Node
-    from vmrepo.sources.qmp import PushDisk
+    from vmrepo.sources.push import PushDisk
+    from vmrepo.sources.qemu.bitmaps import Plan
+    from vmrepo.sources.qemu.control import Node
+    from vmrepo.sources.qemu.pushexport import PushExport
 
     export = PushExport("d0", 4 * MiB)
     disk = PushDisk(source=Node("disk0", "disk0", 4 * MiB, []),

@@ -26,30 +26,14 @@ from collections import deque
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 
-from . import nbdproto as p
-from .errors import DiskUnreadable, SourceUnavailable
+from . import protocol as p
+from .errors import NbdConnectError, NbdError, NbdProtocolError, NbdRequestError
 
 #: Largest BLOCK_STATUS request (the protocol's u32 length, rounded down to 4 KiB).
 MAX_STATUS = 0xFFFFF000
 DEFAULT_MAX_BLOCK = 32 << 20
 #: Size of one READ: 1 MiB with a few in flight reads fastest from QEMU's servers.
 READ_SIZE = 1 << 20
-
-
-class NbdError(DiskUnreadable):
-    """Base of the client's errors."""
-
-
-class NbdProtocolError(NbdError):
-    """The server broke the protocol (or the connection dropped)."""
-
-
-class NbdRequestError(NbdError):
-    """The server answered a request with an error."""
-
-    def __init__(self, message: str, errno: int) -> None:
-        super().__init__(message)
-        self.errno = errno
 
 
 @dataclass(frozen=True)
@@ -150,7 +134,7 @@ class NbdClient:
                 self.sock = socket.create_connection((address.host, address.port), timeout)
                 self.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         except OSError as exc:
-            raise SourceUnavailable(f"cannot connect to {address}: "
+            raise NbdConnectError(f"cannot connect to {address}: "
                                     f"{exc.strerror or exc}") from None
         try:
             self._handshake(list(meta_contexts))

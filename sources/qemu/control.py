@@ -19,10 +19,10 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from ..base import BackupContext, ChangeTracking, DiskStream, Source
+from ..errors import DiskUnreadable, SourceConfigError, SourceError
 from . import bitmaps as bm
-from .base import BackupContext, ChangeTracking, DiskStream, Source
-from .errors import DiskUnreadable, SourceConfigError, SourceError
-from .qmpconn import QmpCommandError, QmpConnection
+from .qmp import QmpCommandError, QmpConnection
 
 
 @dataclass

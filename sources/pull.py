@@ -29,13 +29,20 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from .base import BackupContext, DiskStream, Extent, Source
-from .bitmaps import Plan
 from .errors import SourceConfigError, SourceError
 from .file import DISK_NAME_RE
-from .nbdclient import NbdAddress, NbdClient
-from .nbdread import ALLOCATION, ReadCounters, bitmap_context, dirty_ranges, read_disk
-from .qemuctl import QemuSource, VmDisk, bitmap_count, end_job
-from .qmpconn import QmpConnection
+from .nbd.client import NbdAddress, NbdClient
+from .nbdread import (
+    ALLOCATION,
+    ReadCounters,
+    bitmap_context,
+    dirty_ranges,
+    read_disk,
+    source_errors,
+)
+from .qemu.bitmaps import Plan
+from .qemu.control import QemuSource, VmDisk, bitmap_count, end_job
+from .qemu.qmp import QmpConnection
 
 DEFAULT_RESERVE = 1 << 30
 WATCH_EVERY = 0.2
@@ -64,7 +71,7 @@ class PullDisk(VmDisk):
     def extents(self) -> Iterator[Extent]:
         assert self.address is not None
         contexts = [ALLOCATION] + ([self.bitmap_context] if self.bitmap_context else [])
-        with NbdClient(self.address, contexts) as client:
+        with source_errors(self.name), NbdClient(self.address, contexts) as client:
             if client.size != self.size:
                 raise SourceError(f"disk {self.name}: the export has {client.size} bytes, "
                                   f"the disk {self.size}", self.name)
@@ -244,9 +251,10 @@ class ExportDisk(DiskStream):
         self.counters = ReadCounters()
 
     def extents(self) -> Iterator[Extent]:
-        ranges = [(0, self.size)] if self.mode == "full" or self.bitmap is None else \
-            dirty_ranges(self.client, self.bitmap)
-        yield from read_disk(self.client, ranges, self.counters)
+        with source_errors(self.name):
+            ranges = [(0, self.size)] if self.mode == "full" or self.bitmap is None else \
+                dirty_ranges(self.client, self.bitmap)
+            yield from read_disk(self.client, ranges, self.counters)
 
     def report(self) -> dict[str, Any]:
         return {"export": str(self.client.address), "bitmap": self.bitmap,
@@ -284,7 +292,8 @@ class ExportSource(Source):
         history = context.history.get(self.disk, [])
         want_changes = self.bitmap is not None and context.wanted == "auto" and history
         contexts = [ALLOCATION] + ([self.bitmap] if want_changes and self.bitmap else [])
-        self._client = NbdClient(self.address, contexts)
+        with source_errors(self.disk):
+            self._client = NbdClient(self.address, contexts)
         size = self._client.size
         if context.wanted == "full":
             plan = Plan("full", "full snapshot requested")

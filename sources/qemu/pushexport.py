@@ -14,10 +14,10 @@ import threading
 from collections import deque
 from collections.abc import Iterator
 
-from . import nbdproto as p
-from .base import Extent
-from .errors import SourceError
-from .nbdserver import Export, ExportError
+from ..base import Extent
+from ..errors import SourceError
+from ..nbd import protocol as p
+from ..nbd.server import Export, ExportError
 
 _END = object()
 

@@ -24,7 +24,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from .base import Mode, PriorSnapshot, Wanted
+from ..base import Mode, PriorSnapshot, Wanted
 
 PREFIX = "vmrepo-"
 _NAME_RE = re.compile(r"vmrepo-([0-9a-f]{16})-(tmp-)?([0-9a-f]{32})")

@@ -27,11 +27,12 @@ from dataclasses import dataclass
 from typing import Any
 
 from .base import BackupContext, DiskStream, Extent
-from .errors import SourceError
-from .nbdserver import NbdServer
-from .pushexport import PushExport
-from .qemuctl import QemuSource, VmDisk, bitmap_count, end_job
-from .qmpconn import QmpConnection, QmpDisconnected
+from .errors import SourceError, SourceUnavailable
+from .nbd.errors import NbdError
+from .nbd.server import NbdServer
+from .qemu.control import QemuSource, VmDisk, bitmap_count, end_job
+from .qemu.pushexport import PushExport
+from .qemu.qmp import QmpConnection, QmpDisconnected
 
 JOB_END_STATES = ("waiting", "pending")
 
@@ -94,7 +95,10 @@ class QmpSource(QemuSource):
             self._disks.append(disk)
             self._jobs[disk.job] = disk
         self._server = NbdServer(f"{self._scratch}/push.sock", exports)
-        self._server.start()
+        try:
+            self._server.start()
+        except NbdError as exc:
+            raise SourceUnavailable(str(exc)) from None
         for disk in self._disks:
             conn.execute("blockdev-add", {
                 "driver": "nbd", "node-name": disk.target, "export": disk.push.name,

@@ -21,7 +21,7 @@ from typing import Any, TypeVar
 
 from qemu.qmp import ConnectError, EventListener, ExecuteError, QMPClient, QMPError, Runstate
 
-from .errors import SourceError, SourceUnavailable
+from ..errors import SourceError, SourceUnavailable
 
 T = TypeVar("T")
 Event = dict[str, Any]

@@ -21,8 +21,8 @@ import threading
 from abc import ABC, abstractmethod
 from collections.abc import Mapping
 
-from . import nbdproto as p
-from .errors import SourceUnavailable
+from . import protocol as p
+from .errors import NbdConnectError
 
 log = logging.getLogger(__name__)
 
@@ -102,7 +102,7 @@ class NbdServer:
             sock.listen(16)
         except OSError as exc:
             sock.close()
-            raise SourceUnavailable(f"cannot serve NBD on {self.path}: "
+            raise NbdConnectError(f"cannot serve NBD on {self.path}: "
                                     f"{exc.strerror or exc}") from None
         self._listener = sock
         t = threading.Thread(target=self._accept_loop, name="vmrepo-nbd-accept", daemon=True)
