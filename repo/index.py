@@ -58,7 +58,8 @@ class Index:
 
     def load(self, backend: Backend, hasher: Hasher) -> None:
         """Read every segment not loaded yet, checking each against its id."""
-        for key in backend.list("index/"):
+        for info in backend.list("index/"):
+            key = info.key
             name = key.rpartition("/")[2]
             try:
                 seg_id = bytes.fromhex(name)

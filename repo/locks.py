@@ -82,7 +82,8 @@ def stale_reason(lock: LockInfo, now: datetime, host: str | None = None) -> str 
 
 def list_locks(backend: Backend) -> list[LockInfo]:
     out = []
-    for key in backend.list("locks/"):
+    for info in backend.list("locks/"):
+        key = info.key
         lock_id = key.rpartition("/")[2]
         try:
             out.append(LockInfo.decode(lock_id, backend.get(key)))

@@ -10,6 +10,7 @@ from vmrepo.sources.base import Source
 from vmrepo.sources.errors import SourceConfigError
 from vmrepo.storage.base import Backend
 from vmrepo.storage.errors import ObjectNotFound
+from vmrepo.storage.retry import RetryingBackend
 
 from .errors import ConfigError, RepositoryNotFound
 
@@ -18,8 +19,10 @@ def _names(group: str) -> list[str]:
     return sorted(ep.name for ep in entry_points(group=group))
 
 
-def open_backend(url: str, create: bool = False) -> Backend:
-    """The backend for a repository URL (``/path``, ``file:///path``, ``memory://``, ...)."""
+def open_backend(url: str, create: bool = False,
+                 options: Mapping[str, Any] | None = None) -> Backend:
+    """The backend for a repository URL (``/path``, ``file:///path``, ``memory://``, ...),
+    wrapped so that transient failures are retried."""
     scheme = url.split("://", 1)[0] if "://" in url else "file"
     found = entry_points(group="vmrepo.storage", name=scheme)
     if not found:
@@ -27,7 +30,7 @@ def open_backend(url: str, create: bool = False) -> Backend:
                           f"{', '.join(_names('vmrepo.storage'))})")
     cls: type[Backend] = next(iter(found)).load()
     try:
-        return cls.from_url(url, create=create)
+        return RetryingBackend(cls.from_url(url, create=create, options=options))
     except ObjectNotFound:
         raise RepositoryNotFound(url) from None
 

@@ -128,7 +128,8 @@ def save_snapshot(backend: Backend, snap: Snapshot) -> None:
 def load_snapshots(backend: Backend) -> list[Snapshot]:
     """Every snapshot record, oldest first."""
     snaps = []
-    for key in backend.list("snapshots/"):
+    for info in backend.list("snapshots/"):
+        key = info.key
         snap = Snapshot.decode(backend.get(key), key)
         if snapshot_key(snap.id) != key:
             raise IntegrityError(f"{key}: record names another id {snap.id}", key=key)

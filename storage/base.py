@@ -5,14 +5,29 @@ Every backend MUST guarantee:
 * **Atomic put**: after ``put`` returns, readers see either no object or the
   whole object, never a partial one; a failed or interrupted ``put`` leaves
   no object (or the previous one) under the key.
-* **Durability**: when ``put`` returns, the object survives a crash of the
-  process and, where the medium allows it, of the host.
-* **Read-after-write**: ``get``, ``size`` and ``list`` see an object as soon
+* **Create if absent**: ``create`` stores an object only if none exists under
+  the key, else raises :class:`~vmrepo.storage.errors.ObjectExists`. Where
+  the store can do this atomically (``atomic_create``), two concurrent
+  creates of one key never both succeed; where it cannot, ``create`` checks
+  first and the caller must tolerate a race (locks write unique keys and
+  check again after writing).
+* **Durability**: when ``put`` or ``create`` returns, the object survives a
+  crash of the process and, where the medium allows it, of the host.
+* **Read-after-write**: ``get``, ``stat`` and ``list`` see an object as soon
   as its ``put`` has returned, and stop seeing it once ``delete`` returns.
+  ``delete`` is idempotent: deleting an absent key succeeds.
 * **Ranged get**: ``get(key, offset, length)`` returns exactly the bytes
   asked for, or raises; a range beyond the end is an error.
-* **Listing by prefix**: ``list(prefix)`` yields every key that starts with
-  ``prefix``, each once, in no particular order.
+* **Listing by prefix**: ``list(prefix)`` yields an :class:`ObjectInfo` for
+  every object whose name starts with ``prefix``, each once, in no
+  particular order, with its size and, where the store has them, its
+  modification time and an *etag* that changes whenever the content does.
+  Listings also show names that are not valid keys (files someone put
+  there); callers decide what to do with them (:func:`is_valid_key`).
+* **Errors** come from :mod:`vmrepo.storage.errors`;
+  :class:`~vmrepo.storage.errors.TransientError` marks the failures that may
+  succeed if retried (timeouts, throttling, resets, server errors); every
+  other error is permanent.
 
 Keys are relative, lowercase and made of ``[a-z0-9/._-]``; no empty path
 component, no ``.`` or ``..`` component, at most 512 characters.
@@ -23,13 +38,27 @@ from __future__ import annotations
 
 import re
 from abc import ABC, abstractmethod
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
 
 from .errors import InvalidKey, ObjectNotFound, StorageError
 
 Buffer = bytes | bytearray | memoryview
 #: What ``put`` stores: one buffer, or parts stored concatenated (no join needed).
 Payload = Buffer | Sequence[Buffer]
+
+
+@dataclass(frozen=True)
+class ObjectInfo:
+    """An object as a listing shows it."""
+
+    key: str
+    size: int
+    #: Modification time (seconds since the epoch), where the store keeps one.
+    mtime: float | None = None
+    #: A validator that changes whenever the content does (S3's ETag), where available.
+    etag: str | None = None
 
 
 def payload_parts(data: Payload) -> list[memoryview]:
@@ -46,17 +75,26 @@ def payload_bytes(data: Payload) -> bytes:
     return b"".join(payload_parts(data))
 
 
+def payload_size(data: Payload) -> int:
+    return sum(p.nbytes for p in payload_parts(data))
+
+
 _KEY_RE = re.compile(r"[a-z0-9._-]+(/[a-z0-9._-]+)*")
+
+
+def is_valid_key(key: str) -> bool:
+    """Whether ``key`` is a well-formed object key."""
+    return (
+        isinstance(key, str)
+        and len(key) <= 512
+        and _KEY_RE.fullmatch(key) is not None
+        and not any(part in (".", "..") for part in key.split("/"))
+    )
 
 
 def validate_key(key: str) -> str:
     """Return ``key`` if it is a valid object key, else raise :class:`InvalidKey`."""
-    if (
-        not isinstance(key, str)
-        or len(key) > 512
-        or not _KEY_RE.fullmatch(key)
-        or any(part in (".", "..") for part in key.split("/"))
-    ):
+    if not is_valid_key(key):
         raise InvalidKey(f"invalid object key {key!r}", key=str(key))
     return key
 
@@ -73,16 +111,30 @@ class Backend(ABC):
 
     #: A URL-ish description for messages, e.g. ``/srv/backup/repo``.
     location: str = ""
+    #: How many requests in parallel pay off (sizes thread pools and connection pools).
+    concurrency: int = 4
+    #: Objects live on a local file system: reading them costs no more than a local cache.
+    local: bool = False
+    #: ``create`` is atomic against concurrent creators (else check-then-write).
+    atomic_create: bool = True
 
     @classmethod
-    def from_url(cls, url: str, create: bool = False) -> Backend:
-        """Open the store a URL names; ``create`` makes an empty one where needed."""
+    def from_url(cls, url: str, create: bool = False,
+                 options: Mapping[str, Any] | None = None) -> Backend:
+        """Open the store a URL names; ``create`` makes an empty one where needed.
+
+        ``options`` are backend settings from the config file (endpoint, region, ...).
+        """
         raise NotImplementedError(f"{cls.__name__} cannot be opened from a URL")
 
     @abstractmethod
     def put(self, key: str, data: Payload) -> None:
         """Store ``data`` (one buffer or parts, concatenated) under ``key`` atomically and
         durably, replacing any object."""
+
+    @abstractmethod
+    def create(self, key: str, data: Payload) -> None:
+        """Store ``data`` under ``key`` only if no object is there (ObjectExists otherwise)."""
 
     @abstractmethod
     def get(self, key: str, offset: int = 0, length: int | None = None) -> bytes:
@@ -93,27 +145,63 @@ class Backend(ABC):
         """
 
     @abstractmethod
-    def size(self, key: str) -> int:
-        """Return the object's size in bytes; ObjectNotFound if absent."""
+    def stat(self, key: str) -> ObjectInfo:
+        """The object's size (and time and etag where known); ObjectNotFound if absent."""
 
     @abstractmethod
-    def list(self, prefix: str = "") -> Iterator[str]:
-        """Yield every key starting with ``prefix``."""
+    def list(self, prefix: str = "") -> Iterator[ObjectInfo]:
+        """Yield every object whose name starts with ``prefix``."""
 
     @abstractmethod
     def delete(self, key: str) -> None:
-        """Remove the object; ObjectNotFound if absent."""
+        """Remove the object if present (deleting an absent key is not an error, as on S3)."""
+
+    def size(self, key: str) -> int:
+        """The object's size in bytes; ObjectNotFound if absent."""
+        return self.stat(key).size
 
     def exists(self, key: str) -> bool:
         """Return whether an object is stored under ``key``."""
         try:
-            self.size(key)
+            self.stat(key)
         except ObjectNotFound:
             return False
         return True
 
     def close(self) -> None:  # noqa: B027 - optional hook
         """Release resources; the default does nothing."""
+
+
+class BackendWrapper(Backend):
+    """A backend that forwards every call to ``inner`` (base of retries, faults, ...)."""
+
+    def __init__(self, inner: Backend) -> None:
+        self.inner = inner
+        self.location = inner.location
+        self.concurrency = inner.concurrency
+        self.local = inner.local
+        self.atomic_create = inner.atomic_create
+
+    def put(self, key: str, data: Payload) -> None:
+        self.inner.put(key, data)
+
+    def create(self, key: str, data: Payload) -> None:
+        self.inner.create(key, data)
+
+    def get(self, key: str, offset: int = 0, length: int | None = None) -> bytes:
+        return self.inner.get(key, offset, length)
+
+    def stat(self, key: str) -> ObjectInfo:
+        return self.inner.stat(key)
+
+    def list(self, prefix: str = "") -> Iterator[ObjectInfo]:
+        return self.inner.list(prefix)
+
+    def delete(self, key: str) -> None:
+        self.inner.delete(key)
+
+    def close(self) -> None:
+        self.inner.close()
 
 
 def check_range(key: str, total: int, offset: int, length: int | None) -> int:

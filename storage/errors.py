@@ -4,11 +4,16 @@
 
     StorageError
      ├── InvalidKey          a key outside the allowed alphabet or shape
-     ├── ObjectNotFound      get/delete of a key that does not exist
-     ├── ObjectExists        create_exclusive of a key that exists
-     ├── StoragePermission   the backend refused access
+     ├── ObjectNotFound      get/stat/delete of a key that does not exist
+     ├── ObjectExists        create of a key that exists
+     ├── StoragePermission   the backend refused access (permissions, read-only medium)
      ├── StorageFull         no space or quota left
-     └── BackendUnavailable  the backend cannot be reached or failed an I/O
+     └── BackendUnavailable  the backend cannot be reached or failed an I/O (permanent)
+          └── TransientError a failure that may succeed if retried: timeouts, throttling
+                             (503 SlowDown), server errors, connection resets
+
+Only :class:`TransientError` is worth retrying; the retry wrapper
+(:mod:`vmrepo.storage.retry`) retries nothing else.
 """
 
 from __future__ import annotations
@@ -31,7 +36,7 @@ class ObjectNotFound(StorageError):
 
 
 class ObjectExists(StorageError):
-    """An exclusive create found the object already present."""
+    """A create-if-absent found the object already present."""
 
 
 class StoragePermission(StorageError):
@@ -44,3 +49,7 @@ class StorageFull(StorageError):
 
 class BackendUnavailable(StorageError):
     """The backend could not be reached or an I/O operation failed."""
+
+
+class TransientError(BackendUnavailable):
+    """A failure that may go away: retrying the same request can succeed."""

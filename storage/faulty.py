@@ -2,9 +2,12 @@
 
 ``FaultyBackend(inner, {"put": "ok,ok,fail"})`` lets the first two ``put``
 calls through and fails the third; a plan entry ending in ``*`` repeats its
-last step (``"ok,fail*"`` fails every call after the first). Only calls
-whose key starts with ``key_prefix`` count. Used by tests to interrupt
-operations at chosen points.
+last step (``"ok,fail*"`` fails every call after the first); with
+``cycle=True`` the whole plan repeats (``"fail,ok"`` fails every other call). Only calls
+whose key starts with ``key_prefix`` count. A failure raises ``error``
+(default :class:`~vmrepo.storage.errors.BackendUnavailable`; pass
+:class:`~vmrepo.storage.errors.TransientError` to exercise retries). Used by
+tests to interrupt operations at chosen points.
 """
 
 from __future__ import annotations
@@ -12,17 +15,19 @@ from __future__ import annotations
 import threading
 from collections.abc import Iterator
 
-from .base import Backend, Payload
-from .errors import BackendUnavailable
+from .base import Backend, BackendWrapper, ObjectInfo, Payload
+from .errors import BackendUnavailable, StorageError
 
 
-class FaultyBackend(Backend):
+class FaultyBackend(BackendWrapper):
     """Wrap ``inner`` and fail the calls the plan marks ``fail``."""
 
-    def __init__(self, inner: Backend, plan: dict[str, str], key_prefix: str = "") -> None:
-        self.inner = inner
-        self.location = inner.location
+    def __init__(self, inner: Backend, plan: dict[str, str], key_prefix: str = "",
+                 error: type[StorageError] = BackendUnavailable, cycle: bool = False) -> None:
+        super().__init__(inner)
+        self.cycle = cycle
         self.key_prefix = key_prefix
+        self.error = error
         self._plans = {op: self._parse(p) for op, p in plan.items()}
         self._calls: dict[str, int] = {}
         self._lock = threading.Lock()
@@ -33,6 +38,11 @@ class FaultyBackend(Backend):
         repeat = bool(steps) and steps[-1].endswith("*")
         return [s.rstrip("*") == "fail" for s in steps], repeat
 
+    def calls(self, op: str) -> int:
+        """How many calls of ``op`` (on matching keys) were made so far."""
+        with self._lock:
+            return self._calls.get(op, 0)
+
     def _check(self, op: str, key: str) -> None:
         if op not in self._plans or not key.startswith(self.key_prefix):
             return
@@ -40,22 +50,28 @@ class FaultyBackend(Backend):
             n = self._calls.get(op, 0)
             self._calls[op] = n + 1
         steps, repeat = self._plans[op]
+        if self.cycle:
+            n %= len(steps)
         if steps[n] if n < len(steps) else repeat and steps[-1]:
-            raise BackendUnavailable(f"injected fault: {op} {key}", key=key)
+            raise self.error(f"injected fault: {op} {key}", key=key)
 
     def put(self, key: str, data: Payload) -> None:
         self._check("put", key)
         self.inner.put(key, data)
 
+    def create(self, key: str, data: Payload) -> None:
+        self._check("create", key)
+        self.inner.create(key, data)
+
     def get(self, key: str, offset: int = 0, length: int | None = None) -> bytes:
         self._check("get", key)
         return self.inner.get(key, offset, length)
 
-    def size(self, key: str) -> int:
-        self._check("size", key)
-        return self.inner.size(key)
+    def stat(self, key: str) -> ObjectInfo:
+        self._check("stat", key)
+        return self.inner.stat(key)
 
-    def list(self, prefix: str = "") -> Iterator[str]:
+    def list(self, prefix: str = "") -> Iterator[ObjectInfo]:
         self._check("list", prefix)
         return self.inner.list(prefix)
 

@@ -4,28 +4,44 @@ Writes go to a temporary file in the target directory, are fsynced, renamed
 over the key and the directory is fsynced, so a crash leaves either the old
 state or the new object, never a partial one. Files are created 0600 and
 directories 0700. Temporary files carry a ``.tmp-`` prefix that is invalid
-as a key, so they never show up in listings.
+as a key, so they never show up in listings. ``create`` hard-links the
+finished temporary file to the key, which fails atomically if the key
+exists. The etag of a listed file changes when it is replaced (new inode).
 """
 
 from __future__ import annotations
 
-import contextlib
 import errno
+import logging
 import os
 import secrets
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from pathlib import Path
+from typing import Any
 
-from .base import Backend, Payload, check_range, payload_parts, validate_key, validate_prefix
+from .base import (
+    Backend,
+    ObjectInfo,
+    Payload,
+    check_range,
+    payload_parts,
+    validate_key,
+    validate_prefix,
+)
 from .errors import (
     BackendUnavailable,
+    ObjectExists,
     ObjectNotFound,
     StorageError,
     StorageFull,
     StoragePermission,
+    TransientError,
 )
 
+log = logging.getLogger(__name__)
+
 _TMP_PREFIX = ".tmp-"
+_TRANSIENT = (errno.EINTR, errno.EAGAIN, errno.ETIMEDOUT, errno.ESTALE)
 
 
 def _translate(exc: OSError, key: str | None, what: str) -> StorageError:
@@ -37,6 +53,8 @@ def _translate(exc: OSError, key: str | None, what: str) -> StorageError:
         return StoragePermission(msg, key=key)
     if exc.errno in (errno.ENOSPC, errno.EDQUOT):
         return StorageFull(msg, key=key)
+    if exc.errno in _TRANSIENT:
+        return TransientError(msg, key=key)
     return BackendUnavailable(msg, key=key)
 
 
@@ -62,12 +80,22 @@ def _write_all(fd: int, parts: list[memoryview]) -> None:
                 written = 0
 
 
+def _info(key: str, st: os.stat_result) -> ObjectInfo:
+    # A replaced object has a new inode (rename), so the etag changes with it.
+    return ObjectInfo(key, st.st_size, st.st_mtime,
+                      f"{st.st_ino:x}-{st.st_mtime_ns:x}-{st.st_size:x}")
+
+
 class LocalBackend(Backend):
     """Objects stored as files below ``root``; ``create`` makes the root if missing."""
+
+    local = True
+    atomic_create = True
 
     def __init__(self, root: str | os.PathLike[str], create: bool = False) -> None:
         self.root = Path(root).absolute()
         self.location = str(self.root)
+        self.concurrency = max(4, 2 * (os.cpu_count() or 2))
         if create:
             try:
                 self.root.mkdir(mode=0o700, parents=True, exist_ok=True)
@@ -77,7 +105,8 @@ class LocalBackend(Backend):
             raise ObjectNotFound(f"{self.root} is not a directory")
 
     @classmethod
-    def from_url(cls, url: str, create: bool = False) -> LocalBackend:
+    def from_url(cls, url: str, create: bool = False,
+                 options: Mapping[str, Any] | None = None) -> LocalBackend:
         """Build from ``file:///path`` or a plain path."""
         path = url[len("file://") :] if url.startswith("file://") else url
         return cls(path, create=create)
@@ -85,23 +114,50 @@ class LocalBackend(Backend):
     def _path(self, key: str) -> Path:
         return self.root / validate_key(key)
 
+    def _write_temp(self, path: Path, data: Payload) -> Path:
+        """Write ``data`` durably into a fresh temporary file beside ``path``."""
+        tmp = path.parent / f"{_TMP_PREFIX}{path.name}.{secrets.token_hex(6)}"
+        self._makedirs(path.parent)
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        try:
+            _write_all(fd, payload_parts(data))
+            os.fsync(fd)
+        except BaseException:
+            os.close(fd)
+            _unlink_quietly(tmp)
+            raise
+        os.close(fd)
+        return tmp
+
     def put(self, key: str, data: Payload) -> None:
         path = self._path(key)
-        tmp = path.parent / f"{_TMP_PREFIX}{path.name}.{secrets.token_hex(6)}"
+        tmp: Path | None = None
         try:
-            self._makedirs(path.parent)
-            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-            try:
-                _write_all(fd, payload_parts(data))
-                os.fsync(fd)
-            finally:
-                os.close(fd)
+            tmp = self._write_temp(path, data)
             os.rename(tmp, path)
+            tmp = None
             _fsync_dir(path.parent)
         except OSError as exc:
-            with contextlib.suppress(OSError):
-                os.unlink(tmp)
             raise _translate(exc, key, f"cannot write {key}") from exc
+        finally:
+            if tmp is not None:
+                _unlink_quietly(tmp)
+
+    def create(self, key: str, data: Payload) -> None:
+        path = self._path(key)
+        tmp: Path | None = None
+        try:
+            tmp = self._write_temp(path, data)
+            try:
+                os.link(tmp, path)  # atomic: fails if the name exists
+            except FileExistsError:
+                raise ObjectExists(f"{key} exists", key=key) from None
+            _fsync_dir(path.parent)
+        except OSError as exc:
+            raise _translate(exc, key, f"cannot create {key}") from exc
+        finally:
+            if tmp is not None:
+                _unlink_quietly(tmp)
 
     def _makedirs(self, directory: Path) -> None:
         if directory.is_dir():
@@ -131,13 +187,13 @@ class LocalBackend(Backend):
             raise BackendUnavailable(f"short read of {key}", key=key)
         return data
 
-    def size(self, key: str) -> int:
+    def stat(self, key: str) -> ObjectInfo:
         try:
-            return self._path(key).stat().st_size
+            return _info(key, self._path(key).stat())
         except OSError as exc:
             raise _translate(exc, key, f"cannot stat {key}") from exc
 
-    def list(self, prefix: str = "") -> Iterator[str]:
+    def list(self, prefix: str = "") -> Iterator[ObjectInfo]:
         validate_prefix(prefix)
         # Walk only the directory the prefix points into.
         base_dir, _, _ = prefix.rpartition("/")
@@ -145,22 +201,38 @@ class LocalBackend(Backend):
         if not start.is_dir():
             return
         try:
-            for dirpath, dirnames, filenames in os.walk(start):
-                dirnames[:] = [d for d in dirnames if not d.startswith(_TMP_PREFIX)]
-                rel = os.path.relpath(dirpath, self.root)
-                for name in filenames:
-                    if name.startswith(_TMP_PREFIX):
-                        continue
-                    key = name if rel == "." else f"{rel}/{name}"
-                    if key.startswith(prefix):
-                        yield key
+            yield from self._walk(start, base_dir, prefix)
         except OSError as exc:
             raise _translate(exc, None, f"cannot list {prefix or '/'}") from exc
+
+    def _walk(self, directory: Path, rel: str, prefix: str) -> Iterator[ObjectInfo]:
+        with os.scandir(directory) as entries:
+            for entry in entries:
+                if entry.name.startswith(_TMP_PREFIX):
+                    continue
+                key = f"{rel}/{entry.name}" if rel else entry.name
+                if entry.is_dir(follow_symlinks=False):
+                    if key.startswith(prefix) or prefix.startswith(key + "/"):
+                        yield from self._walk(Path(entry.path), key, prefix)
+                elif key.startswith(prefix):
+                    try:
+                        yield _info(key, entry.stat(follow_symlinks=False))
+                    except FileNotFoundError:
+                        continue  # deleted while we listed
 
     def delete(self, key: str) -> None:
         path = self._path(key)
         try:
             os.unlink(path)
             _fsync_dir(path.parent)
+        except FileNotFoundError:
+            return
         except OSError as exc:
             raise _translate(exc, key, f"cannot delete {key}") from exc
+
+
+def _unlink_quietly(path: Path) -> None:
+    try:
+        os.unlink(path)
+    except OSError as exc:
+        log.debug("cannot remove temporary file %s: %s", path, exc)

@@ -171,7 +171,7 @@ def test_corrupted_chunk_is_detected(local_repo: Repository, tmp_path: Path) -> 
     img = tmp_path / "d.raw"
     img.write_bytes(os.urandom(4 * CS))
     snap = snapshot_file(local_repo, img)
-    for key in local_repo.backend.list("data/"):
+    for key in (i.key for i in local_repo.backend.list("data/")):
         path = Path(local_repo.backend.location) / key
         raw = bytearray(path.read_bytes())
         raw[100] ^= 0xFF

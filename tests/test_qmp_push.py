@@ -19,7 +19,7 @@ from vmrepo.repository import Repository
 from vmrepo.sources.errors import SourceError
 from vmrepo.sources.push import QmpSource
 from vmrepo.sources.qemu import bitmaps as bm
-from vmrepo.storage.base import Backend, Payload
+from vmrepo.storage.base import Backend, BackendWrapper, Payload
 from vmrepo.storage.faulty import FaultyBackend
 from vmrepo.storage.local import LocalBackend
 
@@ -281,29 +281,18 @@ def test_repository_failure_mid_backup(vm: QemuVM) -> None:
     assert disk(snap(vm), "disk0")["taken"] == "incremental"
 
 
-class KillQemuOnFirstPack(Backend):
+class KillQemuOnFirstPack(BackendWrapper):
     """A backend that SIGKILLs QEMU when the first pack is stored."""
 
     def __init__(self, inner: Backend, pid: int) -> None:
-        self.inner, self.pid, self.location = inner, pid, inner.location
+        super().__init__(inner)
+        self.pid = pid
 
     def put(self, key: str, data: Payload) -> None:
         if key.startswith("data/") and self.pid:
             os.kill(self.pid, signal.SIGKILL)
             self.pid = 0
         self.inner.put(key, data)
-
-    def get(self, key: str, offset: int = 0, length: int | None = None) -> bytes:
-        return self.inner.get(key, offset, length)
-
-    def size(self, key: str) -> int:
-        return self.inner.size(key)
-
-    def list(self, prefix: str = "") -> Iterator[str]:
-        return self.inner.list(prefix)
-
-    def delete(self, key: str) -> None:
-        self.inner.delete(key)
 
 
 def test_qemu_killed_mid_backup(vm: QemuVM) -> None:

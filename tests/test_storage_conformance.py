@@ -1,4 +1,4 @@
-"""The conformance suite every storage backend must pass."""
+"""The conformance kit against the local, in-memory and retrying backends, and their specifics."""
 
 from __future__ import annotations
 
@@ -8,100 +8,56 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from vmrepo.storage.base import Backend
-from vmrepo.storage.errors import InvalidKey, ObjectNotFound, StorageError, StorageFull
+from vmrepo.storage.base import Backend, is_valid_key
+from vmrepo.storage.errors import (
+    BackendUnavailable,
+    ObjectNotFound,
+    StorageError,
+    StorageFull,
+    TransientError,
+)
 from vmrepo.storage.faulty import FaultyBackend
 from vmrepo.storage.local import LocalBackend
 from vmrepo.storage.memory import MemoryBackend
+from vmrepo.storage.retry import RetryingBackend
+
+from .storagekit import BackendConformance
 
 
-@pytest.fixture(params=["local", "memory"])
-def backend(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Backend]:
-    if request.param == "local":
-        b: Backend = LocalBackend(tmp_path / "store", create=True)
-    else:
-        b = MemoryBackend()
-    yield b
-    b.close()
+class TestLocal(BackendConformance):
+    @pytest.fixture
+    def backend(self, tmp_path: Path) -> Iterator[Backend]:
+        b = LocalBackend(tmp_path / "store", create=True)
+        yield b
+        b.close()
 
 
-def test_put_get_roundtrip(backend: Backend) -> None:
-    backend.put("data/ab/abcdef", b"hello")
-    assert backend.get("data/ab/abcdef") == b"hello"
-    assert backend.size("data/ab/abcdef") == 5
-    assert backend.exists("data/ab/abcdef")
+class TestMemory(BackendConformance):
+    @pytest.fixture
+    def backend(self) -> Iterator[Backend]:
+        yield MemoryBackend()
 
 
-def test_put_replaces_whole_object(backend: Backend) -> None:
-    backend.put("config", b"x" * 1000)
-    backend.put("config", b"short")
-    assert backend.get("config") == b"short"
+class TestRetryingOverFlakyLocal(BackendConformance):
+    """Every other call fails transiently; the retry wrapper must hide all of it."""
+
+    @pytest.fixture
+    def backend(self, tmp_path: Path) -> Iterator[Backend]:
+        flaky = FaultyBackend(LocalBackend(tmp_path / "store", create=True),
+                              {op: "fail,ok" for op in ("put", "create", "get", "stat",
+                                                         "list", "delete")},
+                              error=TransientError, cycle=True)
+        yield RetryingBackend(flaky, sleep=lambda s: None)
 
 
-def test_ranged_get(backend: Backend) -> None:
-    backend.put("k", bytes(range(100)))
-    assert backend.get("k", 10, 5) == bytes(range(10, 15))
-    assert backend.get("k", 95) == bytes(range(95, 100))
-    assert backend.get("k", 100, 0) == b""
-
-
-def test_range_past_end_is_an_error(backend: Backend) -> None:
-    backend.put("k", b"abc")
-    with pytest.raises(StorageError):
-        backend.get("k", 2, 5)
-
-
-def test_missing_object(backend: Backend) -> None:
-    with pytest.raises(ObjectNotFound):
-        backend.get("nope")
-    with pytest.raises(ObjectNotFound):
-        backend.size("nope")
-    with pytest.raises(ObjectNotFound):
-        backend.delete("nope")
-    assert not backend.exists("nope")
-
-
-def test_list_by_prefix(backend: Backend) -> None:
-    keys = {"data/00/a1", "data/00/a2", "data/ff/b1", "index/c1", "snapshots/d1", "config"}
-    for k in keys:
-        backend.put(k, k.encode())
-    assert set(backend.list("")) == keys
-    assert set(backend.list("data/")) == {"data/00/a1", "data/00/a2", "data/ff/b1"}
-    assert set(backend.list("data/00/")) == {"data/00/a1", "data/00/a2"}
-    assert set(backend.list("data/00/a1")) == {"data/00/a1"}
-    assert set(backend.list("index")) == {"index/c1"}
-    assert list(backend.list("locks/")) == []
-
-
-def test_delete_is_seen_at_once(backend: Backend) -> None:
-    backend.put("locks/x", b"1")
-    backend.delete("locks/x")
-    assert list(backend.list("locks/")) == []
-    assert not backend.exists("locks/x")
-
-
-@pytest.mark.parametrize("key", ["", "/abs", "a//b", "../x", "a/../b", "UPPER", "sp ace",
-                                 "a/./b", "x" * 513, "tab\t"])
-def test_invalid_keys_are_refused(backend: Backend, key: str) -> None:
-    with pytest.raises(InvalidKey):
-        backend.put(key, b"")
-    with pytest.raises(InvalidKey):
-        backend.get(key)
-
-
-def test_large_object(backend: Backend) -> None:
-    data = os.urandom(5 << 20)
-    backend.put("data/11/big", data)
-    assert backend.get("data/11/big") == data
-    assert backend.get("data/11/big", 3 << 20, 100) == data[3 << 20 : (3 << 20) + 100]
-
-
-# Local-backend specifics: permissions and atomicity leftovers.
+# Local-backend specifics: permissions, atomicity leftovers, foreign files.
 
 def test_local_permissions(tmp_path: Path) -> None:
     b = LocalBackend(tmp_path / "store", create=True)
     b.put("data/aa/obj", b"x")
+    b.create("locks/l", b"x")
     assert stat.S_IMODE((tmp_path / "store/data/aa/obj").stat().st_mode) == 0o600
+    assert stat.S_IMODE((tmp_path / "store/locks/l").stat().st_mode) == 0o600
     assert stat.S_IMODE((tmp_path / "store/data/aa").stat().st_mode) == 0o700
     assert stat.S_IMODE((tmp_path / "store/data").stat().st_mode) == 0o700
 
@@ -117,16 +73,21 @@ def test_local_failed_put_keeps_old_object(tmp_path: Path,
     monkeypatch.setattr(os, "fsync", no_space)
     with pytest.raises(StorageFull):
         b.put("data/aa/obj", b"new")
+    with pytest.raises(StorageFull):
+        b.create("data/aa/other", b"new")
     monkeypatch.undo()
     assert b.get("data/aa/obj") == b"old"
     assert sorted(os.listdir(tmp_path / "store/data/aa")) == ["obj"]
 
 
-def test_local_ignores_temporary_files(tmp_path: Path) -> None:
+def test_local_ignores_temporary_files_and_shows_foreign_ones(tmp_path: Path) -> None:
     b = LocalBackend(tmp_path / "store", create=True)
     b.put("index/aa", b"1")
     (tmp_path / "store/index/.tmp-aa.123").write_bytes(b"partial")
-    assert list(b.list("index/")) == ["index/aa"]
+    (tmp_path / "store/index/README").write_bytes(b"hello")
+    listed = {i.key: i for i in b.list("index/")}
+    assert set(listed) == {"index/aa", "index/README"}
+    assert not is_valid_key("index/README") and listed["index/README"].size == 5
 
 
 def test_local_missing_root(tmp_path: Path) -> None:
@@ -141,7 +102,7 @@ def test_faulty_backend_follows_plan() -> None:
         b.put("b", b"2")
     b.put("c", b"3")
     b.put("d", b"4")
-    assert sorted(b.list()) == ["a", "c", "d"]
+    assert sorted(i.key for i in b.list()) == ["a", "c", "d"]
     always = FaultyBackend(MemoryBackend(), {"get": "ok,fail*"}, key_prefix="data/")
     always.put("data/x", b"1")
     always.put("other", b"1")
@@ -152,9 +113,89 @@ def test_faulty_backend_follows_plan() -> None:
     assert always.get("other") == b"1"
 
 
-def test_put_of_parts_stores_their_concatenation(backend: Backend) -> None:
-    parts = [b"abc", bytearray(b""), memoryview(b"defg"), os.urandom(70_000)]
-    backend.put("data/00/parts", parts)
-    assert backend.get("data/00/parts") == b"abcdefg" + bytes(parts[3])
-    backend.put("data/00/many", [bytes([i % 256]) for i in range(3000)])
-    assert backend.get("data/00/many") == bytes(i % 256 for i in range(3000))
+# The retry wrapper.
+
+def _retrying(inner: Backend, **kw: object) -> tuple[RetryingBackend, list[float]]:
+    delays: list[float] = []
+    return RetryingBackend(inner, sleep=delays.append, rand=lambda: 1.0, **kw), delays  # type: ignore[arg-type]
+
+
+def test_retry_backs_off_exponentially_up_to_a_bound() -> None:
+    inner = FaultyBackend(MemoryBackend(), {"put": "fail,fail,fail,fail,fail,ok"},
+                          error=TransientError)
+    b, delays = _retrying(inner, attempts=8, base_delay=0.1, max_delay=0.5)
+    b.put("k", b"v")
+    assert b.get("k") == b"v"
+    assert delays == [0.1, 0.2, 0.4, 0.5, 0.5]
+    assert b.retries == 5
+
+
+def test_retry_gives_up_after_its_attempts() -> None:
+    inner = FaultyBackend(MemoryBackend(), {"get": "fail*"}, error=TransientError)
+    inner.put("k", b"v")
+    b, delays = _retrying(inner, attempts=3)
+    with pytest.raises(TransientError):
+        b.get("k")
+    assert len(delays) == 2
+
+
+def test_permanent_errors_are_not_retried() -> None:
+    inner = FaultyBackend(MemoryBackend(), {"put": "fail*"}, error=BackendUnavailable)
+    b, delays = _retrying(inner)
+    with pytest.raises(BackendUnavailable):
+        b.put("k", b"v")
+    with pytest.raises(ObjectNotFound):
+        b.get("absent")
+    assert delays == []
+
+
+class _LostAnswer(MemoryBackend):
+    """The first call of an operation takes effect, but its answer is lost."""
+
+    def __init__(self, ops: set[str]) -> None:
+        super().__init__()
+        self.ops = ops
+
+    def create(self, key: str, data: object) -> None:  # type: ignore[override]
+        super().create(key, data)  # type: ignore[arg-type]
+        if "create" in self.ops:
+            self.ops.discard("create")
+            raise TransientError("connection reset after the write", key=key)
+
+
+def test_retry_settles_a_create_whose_answer_was_lost() -> None:
+    b, _ = _retrying(_LostAnswer({"create"}))
+    b.create("locks/mine", b"me")  # our own first attempt is recognised
+    assert b.get("locks/mine") == b"me"
+    b.delete("locks/mine")
+    assert not b.exists("locks/mine")
+
+
+def test_retry_create_does_not_claim_someone_elses_object() -> None:
+    inner = _LostAnswer(set())
+    inner.put("locks/theirs", b"them")
+    flaky = FaultyBackend(inner, {"create": "fail,ok"}, error=TransientError)
+    b, _ = _retrying(flaky)
+    from vmrepo.storage.errors import ObjectExists
+
+    with pytest.raises(ObjectExists):
+        b.create("locks/theirs", b"me")
+
+
+def test_retry_restarts_a_broken_listing_without_repeats() -> None:
+    class BreaksOnce(MemoryBackend):
+        broke = False
+
+        def list(self, prefix: str = ""):  # type: ignore[no-untyped-def]
+            for n, info in enumerate(super().list(prefix)):
+                if n == 2 and not self.broke:
+                    self.broke = True
+                    raise TransientError("connection reset mid-listing")
+                yield info
+
+    inner = BreaksOnce()
+    for i in range(6):
+        inner.put(f"index/{i}", b"x")
+    b, delays = _retrying(inner)
+    keys = [i.key for i in b.list("index/")]
+    assert sorted(keys) == [f"index/{i}" for i in range(6)] and len(delays) == 1
