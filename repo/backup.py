@@ -12,7 +12,7 @@ file I/O release the GIL, so all cores are busy).
 
 from __future__ import annotations
 
-import contextlib
+import logging
 import os
 import socket
 import time
@@ -36,10 +36,13 @@ from . import __version__
 from .chunker import ChunkAssembler
 from .errors import IntegrityError, SnapshotNotFound
 from .format import ID_SIZE, ZERO_ID, BlobType
+from .logs import ignored
 from .manifest import Manifest, ManifestBuilder
-from .packer import Packer
 from .repository import Repository
+from .session import WriteSession
 from .snapshots import DiskRecord, Snapshot, new_snapshot_id, save_snapshot
+
+log = logging.getLogger(__name__)
 
 Clock = Callable[[], datetime]
 Progress = Callable[[int], None]
@@ -78,6 +81,8 @@ class SnapshotOptions:
     progress: Progress | None = None
     #: Called with the disks once the source has begun (e.g. to size a progress bar).
     on_begin: Callable[[list[DiskStream]], None] | None = None
+    #: Called as the snapshot goes; raises to stop it (e.g. the lock was lost).
+    check: Callable[[], None] | None = None
 
 
 def history_for(snapshots: Sequence[Snapshot]) -> dict[str, list[PriorSnapshot]]:
@@ -92,11 +97,12 @@ def history_for(snapshots: Sequence[Snapshot]) -> dict[str, list[PriorSnapshot]]
 class _DiskWriter:
     """Turns one disk stream into a manifest, using the shared pool and packer."""
 
-    def __init__(self, repo: Repository, packer: Packer, pool: ThreadPoolExecutor,
+    def __init__(self, repo: Repository, session: WriteSession, pool: ThreadPoolExecutor,
                  workers: int, disk: DiskStream, base: Manifest | None,
-                 progress: Progress | None) -> None:
-        self.repo, self.packer, self.pool = repo, packer, pool
-        self.disk, self.base, self.progress = disk, base, progress
+                 opts: SnapshotOptions) -> None:
+        self.repo, self.session, self.pool = repo, session, pool
+        self.disk, self.base = disk, base
+        self.progress, self.check = opts.progress, opts.check
         self.stats = DiskStats()
         cfg = repo.config
         self.builder = ManifestBuilder(
@@ -109,7 +115,7 @@ class _DiskWriter:
 
     def _store_page(self, page: bytes) -> bytes:
         pid = self.repo.hasher.id(page)
-        stored = self.packer.add(pid, BlobType.PAGE, page)
+        stored = self.session.add(pid, BlobType.PAGE, page)
         if stored:
             self.stats.pages_new += 1
             self.stats.bytes_manifest += stored
@@ -117,7 +123,7 @@ class _DiskWriter:
 
     def _store_chunk(self, data: Data) -> tuple[bytes, int]:
         cid = self.repo.hasher.id(data)
-        return cid, self.packer.add(cid, BlobType.CHUNK, data)
+        return cid, self.session.add(cid, BlobType.CHUNK, data)
 
     def _emit(self, index: int, data: Data | None) -> None:
         self.stats.chunks += 1
@@ -154,6 +160,8 @@ class _DiskWriter:
                 asm.add(ext.offset, ext.length, ext.data)
                 if self.progress:
                     self.progress(ext.length)
+                if self.check is not None:
+                    self.check()
             asm.finish(self._base_chunk if self.base is not None else None)
             while self._inflight:
                 self._collect_one()
@@ -163,7 +171,7 @@ class _DiskWriter:
         manifest = self.builder.finish()
         root = manifest.encode()
         root_id = self.repo.hasher.id(root)
-        self.stats.bytes_manifest += self.packer.add(root_id, BlobType.ROOT, root)
+        self.stats.bytes_manifest += self.session.add(root_id, BlobType.ROOT, root)
         self.stats.bytes_data = asm.data_bytes
         self.stats.bytes_zero = asm.zero_bytes
         self.stats.milliseconds = int((time.monotonic() - started) * 1000)
@@ -193,7 +201,9 @@ def take_snapshot(repo: Repository, source: Source, opts: SnapshotOptions) -> Sn
     context = BackupContext(repo.config.repository_id, repo.config.chunk_size, snap_id,
                             opts.wanted, history_for(prior))
     started = opts.clock()
-    packer = repo.packer()
+    repo.require_current_format("taking a snapshot")
+    repo.only_existing_packs()  # never deduplicate against a missing pack
+    session = repo.session(check=opts.check)
     try:
         disks = source.begin(context)
         if opts.on_begin is not None:
@@ -206,21 +216,23 @@ def take_snapshot(repo: Repository, source: Source, opts: SnapshotOptions) -> Sn
                 if disk.mode == "changes":
                     base = _base_manifest(repo, disk, by_id)
                     taken = "differential" if opts.wanted == "differential" else "incremental"
-                writer = _DiskWriter(repo, packer, pool, opts.workers, disk, base, opts.progress)
+                writer = _DiskWriter(repo, session, pool, opts.workers, disk, base, opts)
                 record = writer.run()
                 record.taken, record.base = taken, disk.base_snapshot
                 records.append(record)
-        packer.commit()
+        session.commit()
+        if opts.check is not None:
+            opts.check()  # the record is written only under a lock still held
         snap = Snapshot(
             id=snap_id, vm=opts.vm, time=started, host=socket.gethostname(),
             source=source.plugin, disks=records, tags=list(opts.tags),
             source_info=source.info(), program=f"vmrepo {__version__}",
         )
-        save_snapshot(repo.backend, snap)
+        save_snapshot(repo.store, snap)
     except BaseException:
-        packer.close()
+        session.abort()
         # Roll the source back; its own failure must not hide the original one.
-        with contextlib.suppress(Exception):
+        with ignored(log, "rolling the source back", Exception):
             source.finish(False)
         raise
     try:

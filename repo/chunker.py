@@ -13,12 +13,10 @@ from dataclasses import dataclass, field
 
 from vmrepo.sources.base import Data
 
+from .errors import ExtentError
+
 #: Called with (chunk_index, bytes or None for all zeros).
 Emit = Callable[[int, Data | None], None]
-
-
-class ExtentError(ValueError):
-    """An extent outside the disk or overlapping one already received."""
 
 
 @dataclass

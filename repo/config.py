@@ -1,14 +1,21 @@
-"""The repository ``config`` record: identity, parameters and required features."""
+"""The repository ``config`` record: identity, parameters and required features.
+
+Format v2 wraps the parameters in a checksummed envelope (docs/format.md,
+section config) so that damage to the config, its hash key included, is
+reported as damage to the config. Format v1 configs (no checksum) are read
+as they are; ``vmrepo upgrade`` rewrites them as v2.
+"""
 
 from __future__ import annotations
 
 import secrets
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
 from typing import Any
 
+from .codec import ENVELOPE_PLAIN, check_version, pack_map, unpack_map
 from .errors import IncompatibleRepository, IntegrityError
-from .format import FORMAT_VERSION, KNOWN_FEATURES, decode_record, encode_record
+from .format import FORMAT_VERSION, KNOWN_FEATURES, OLDEST_VERSION, checksum
 
 MIN_CHUNK = 64 << 10
 MAX_CHUNK = 4 << 20
@@ -16,6 +23,8 @@ DEFAULT_CHUNK = 256 << 10
 DEFAULT_PACK_SIZE = 32 << 20
 DEFAULT_PAGE_ENTRIES = 512
 DEFAULT_ZSTD_LEVEL = 3
+MAX_PACK = 1 << 30
+COMPRESSIONS = ("zstd", "none")
 
 
 def check_chunk_size(size: int) -> int:
@@ -44,22 +53,30 @@ class RepoConfig:
 
     @classmethod
     def new(cls, chunk_size: int = DEFAULT_CHUNK, pack_size: int = DEFAULT_PACK_SIZE,
-            compression_level: int = DEFAULT_ZSTD_LEVEL) -> RepoConfig:
-        """A fresh config with a random id and hash key."""
+            compression_level: int = DEFAULT_ZSTD_LEVEL, compression: str = "zstd",
+            hash_key: bytes | None = None) -> RepoConfig:
+        """A fresh config with a random id (and a random hash key unless one is given)."""
         check_chunk_size(chunk_size)
         if pack_size < chunk_size * 2:
             raise ValueError("pack size must be at least two chunks")
+        if pack_size > MAX_PACK:
+            raise ValueError(f"pack size must be at most {MAX_PACK >> 20}M")
+        if compression not in COMPRESSIONS:
+            raise ValueError(f"compression must be one of {', '.join(COMPRESSIONS)}")
+        if compression == "zstd" and not 1 <= compression_level <= 22:
+            raise ValueError("zstd levels go from 1 to 22")
         return cls(
             repository_id=secrets.token_hex(16),
             chunk_size=chunk_size,
-            hash_key=secrets.token_bytes(32),
-            compression_level=compression_level,
+            hash_key=hash_key if hash_key is not None else secrets.token_bytes(32),
+            compression=compression,
+            compression_level=compression_level if compression == "zstd" else 0,
             pack_size=pack_size,
             created=datetime.now(UTC).isoformat(timespec="seconds"),
         )
 
-    def encode(self) -> bytes:
-        return encode_record({
+    def fields(self) -> dict[str, Any]:
+        return {
             "v": self.version,
             "id": self.repository_id,
             "chunk_size": self.chunk_size,
@@ -73,21 +90,41 @@ class RepoConfig:
                 "required": list(self.features_required),
                 "compatible": list(self.features_compatible),
             },
-        })
+        }
+
+    def encode(self) -> bytes:
+        """The config object: v1 as a plain record, v2 with a checksum over its body."""
+        if self.version == 1:
+            return bytes([ENVELOPE_PLAIN]) + pack_map(self.fields())
+        body = pack_map(self.fields())
+        return bytes([ENVELOPE_PLAIN]) + pack_map(
+            {"v": self.version, "body": body, "blake3": checksum(body)})
+
+    def upgraded(self) -> RepoConfig:
+        """This config at the current format version."""
+        return replace(self, version=FORMAT_VERSION)
 
     @classmethod
     def decode(cls, raw: bytes) -> RepoConfig:
         """Decode and check the config; refuse what this version cannot handle."""
-        rec = decode_record(raw, "config")
-        features = rec.get("features", {})
-        required = tuple(features.get("required", ()))
-        missing = sorted(set(required) - KNOWN_FEATURES)
-        if missing:
-            raise IncompatibleRepository(
-                "repository requires features this vmrepo lacks: " + ", ".join(missing),
-                version=rec["v"], features=missing,
-            )
+        if not raw or raw[0] != ENVELOPE_PLAIN:
+            raise IntegrityError("config: damaged (unknown envelope)", key="config")
+        outer = check_version(unpack_map(memoryview(raw)[1:], "config"), "config",
+                              FORMAT_VERSION)
+        if outer["v"] < OLDEST_VERSION:
+            raise IncompatibleRepository(f"config: format version {outer['v']} is unknown")
+        rec = outer
+        if outer["v"] >= 2:
+            body = outer.get("body")
+            if not isinstance(body, bytes) or outer.get("blake3") != checksum(body):
+                raise IntegrityError("config: checksum mismatch (the config object is "
+                                     "damaged)", key="config")
+            rec = unpack_map(body, "config")
+            if rec.get("v") != outer["v"]:
+                raise IntegrityError("config: versions disagree (damaged)", key="config")
         try:
+            features = rec.get("features") or {}
+            required = tuple(str(f) for f in features.get("required", ()))
             cfg = cls(
                 repository_id=str(rec["id"]),
                 chunk_size=check_chunk_size(int(rec["chunk_size"])),
@@ -100,17 +137,29 @@ class RepoConfig:
                 created=str(rec.get("created", "")),
                 version=int(rec["v"]),
                 features_required=required,
-                features_compatible=tuple(features.get("compatible", ())),
+                features_compatible=tuple(str(f) for f in features.get("compatible", ())),
             )
-        except (KeyError, TypeError, ValueError) as exc:
+            hash_algorithm = rec["hash"].get("algorithm")
+        except (KeyError, TypeError, ValueError, AttributeError) as exc:
             raise IntegrityError(f"config: malformed ({exc})", key="config") from exc
-        if rec["hash"].get("algorithm") != "blake3-keyed" or cfg.compression != "zstd":
+        missing = sorted(set(required) - KNOWN_FEATURES)
+        if missing:
+            raise IncompatibleRepository(
+                "repository requires features this vmrepo lacks: " + ", ".join(missing),
+                version=cfg.version, features=missing)
+        if hash_algorithm != "blake3-keyed" or cfg.compression not in COMPRESSIONS:
             raise IncompatibleRepository("config names an unknown hash or compression")
         if cfg.encryption != "none":
             raise IncompatibleRepository(f"encryption {cfg.encryption!r} is not supported")
-        if cfg.page_entries < 1 or len(cfg.hash_key) != 32:
+        if cfg.page_entries < 1 or len(cfg.hash_key) != 32 or not \
+                cfg.chunk_size * 2 <= cfg.pack_size <= MAX_PACK:
             raise IntegrityError("config: malformed parameters", key="config")
         return cfg
+
+    @property
+    def codec_level(self) -> int:
+        """The zstd level writers use; 0 stores blobs uncompressed."""
+        return self.compression_level if self.compression == "zstd" else 0
 
     def summary(self) -> dict[str, Any]:
         return {

@@ -8,11 +8,13 @@
      ├── IncompatibleRepository newer format or a required feature we lack
      ├── IntegrityError         an object failed its checks (hash, magic, shape)
      ├── RepositoryLocked       a conflicting lock is held
+     ├── LockLost               our own lock could not be refreshed: the operation stopped
      ├── SpecError              a malformed VM@WHEN spec
      ├── SnapshotNotFound       a spec matched nothing (carries the candidates)
      ├── AmbiguousSnapshot      a spec matched several (carries the candidates)
      ├── ConfigError            config file missing, unreadable or invalid; unknown VM
      ├── RestoreError           output exists, sizes differ, qemu-img failed
+     ├── ExtentError            a source sent an extent outside its disk or overlapping another
      └── Interrupted            the operation was stopped by a signal
 
 Storage and source errors come from their own packages and are not wrapped.
@@ -59,6 +61,12 @@ class RepositoryLocked(VmrepoError):
         self.holders = list(holders)
 
 
+class LockLost(VmrepoError):
+    def __init__(self, message: str, lock: str | None = None) -> None:
+        super().__init__(message)
+        self.lock = lock
+
+
 class SpecError(VmrepoError):
     def __init__(self, spec: str, why: str) -> None:
         super().__init__(f"invalid snapshot spec {spec!r}: {why}")
@@ -92,6 +100,14 @@ class RestoreError(VmrepoError):
     def __init__(self, message: str, path: str | None = None) -> None:
         super().__init__(message)
         self.path = path
+
+
+class ExtentError(VmrepoError):
+    """A source broke its contract: an extent outside the disk or overlapping another."""
+
+    def __init__(self, message: str, disk: str | None = None) -> None:
+        super().__init__(message)
+        self.disk = disk
 
 
 class Interrupted(VmrepoError):

@@ -19,6 +19,7 @@ REPOSITORY_EXISTS = 11
 LOCKED = 12
 INCOMPATIBLE = 13
 INTEGRITY = 14
+LOCK_LOST = 15
 SOURCE = 20
 STORAGE = 21
 INTERNAL = 70
@@ -35,6 +36,8 @@ TABLE: list[tuple[type[BaseException], int]] = [
     (e.RepositoryNotFound, NO_REPOSITORY),
     (e.RepositoryExists, REPOSITORY_EXISTS),
     (e.RepositoryLocked, LOCKED),
+    (e.LockLost, LOCK_LOST),
+    (e.ExtentError, SOURCE),
     (e.IncompatibleRepository, INCOMPATIBLE),
     (e.IntegrityError, INTEGRITY),
     (SourceError, SOURCE),

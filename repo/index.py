@@ -1,21 +1,53 @@
-"""The index: blob id -> (pack, offset, length), kept as immutable segments.
+"""The index: blob id -> where the blob is stored, without holding the index in memory.
 
-Each segment is a record under ``index/<id>`` naming some packs and the blobs
-in them; the id is the keyed hash of the segment's bytes. Segments are only
-ever added (and, by maintenance, replaced by a merged one), never changed.
+The repository's index is the union of its segments (:mod:`vmrepo.segments`)
+minus those another segment supersedes. Locally it is kept as a few sorted
+*runs* in the cache directory (:mod:`vmrepo.runs`), shared by every vmrepo
+process of the user, plus a small in-memory part for segments too small to
+be worth a run and for what this process's sessions have just written.
+
+:meth:`Index.sync` brings the local runs up to date with the repository's
+segment listing: new segments are added; if a segment the runs include has
+gone or is superseded (a merge), the runs are rebuilt. Memory stays bounded
+whatever the size of the repository: lookups search the mapped run files,
+the in-memory part is spilled into a run beyond :data:`SPILL_ENTRIES`.
+
+Several entries may name one blob (stored twice, e.g. by concurrent writers
+or to replace a damaged copy); :meth:`Index.locations` returns them all, and
+:meth:`Index.get` the first in a pack the *pack filter* accepts (packs that
+exist, are not marked for deletion, are not known to be damaged).
 """
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
+import logging
+import os
+import secrets
 import threading
-from collections.abc import Iterable, Iterator
-from dataclasses import dataclass
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
 
-from vmrepo.storage.base import Backend
+import msgpack
+from vmrepo.storage.errors import ObjectNotFound
 
 from .errors import IntegrityError
-from .format import BlobType, Hasher, decode_record, encode_record, index_key
-from .pack import BlobEntry
+from .format import INDEX_PREFIX, BlobType, index_key, parse_hex_name
+from .runs import Record, Run, RunPack, Source, write_run
+from .segments import Segment, check_records
+from .store import RepoStore
+
+log = logging.getLogger(__name__)
+
+#: Entries kept in memory before they are written into a run.
+SPILL_ENTRIES = 50_000
+#: More runs than this are merged regardless of their sizes.
+MAX_RUNS = 10
+#: Segment bytes loaded at once while rebuilding (bounds memory).
+GROUP_BYTES = 64 << 20
+STATE_VERSION = 1
 
 
 @dataclass(frozen=True)
@@ -29,68 +61,330 @@ class Location:
     raw_length: int
 
 
+@dataclass
+class _RunState:
+    file: str
+    segments: set[bytes]
+    n: int
+
+
+@dataclass
+class _State:
+    runs: list[_RunState] = field(default_factory=list)
+    superseded: set[bytes] = field(default_factory=set)
+
+    @property
+    def covered(self) -> set[bytes]:
+        out: set[bytes] = set()
+        for r in self.runs:
+            out |= r.segments
+        return out
+
+
+PackFilter = Callable[[bytes], bool]
+
+
 class Index:
-    """In-memory map of every indexed blob; thread-safe for lookups and additions."""
+    """The repository's index as local runs plus an in-memory part; thread-safe."""
 
-    def __init__(self) -> None:
-        self._map: dict[bytes, Location] = {}
-        self._lock = threading.Lock()
-        self.segments: set[bytes] = set()
+    def __init__(self, directory: Path) -> None:
+        self.directory = directory
+        self.directory.mkdir(mode=0o700, parents=True, exist_ok=True)
+        self._runs: list[Run] = []
+        self._mem: dict[bytes, list[Location]] = {}
+        self._mem_count = 0
+        self._mem_segments: set[bytes] = set()
+        self._mem_pack_sizes: dict[bytes, int | None] = {}
+        self._covered: set[bytes] = set()
+        #: Runs replaced by newer ones; other threads may still be searching them.
+        self._retired: list[Run] = []
+        self._lock = threading.RLock()
+        self._filter: PackFilter | None = None
+        self._run_ok: dict[int, bytearray] = {}
+        self.synced = False
 
-    def __contains__(self, blob_id: bytes) -> bool:
-        return blob_id in self._map
+    # -- lookups -------------------------------------------------------------
 
-    def __len__(self) -> int:
-        return len(self._map)
+    def set_pack_filter(self, accept: PackFilter | None) -> None:
+        """Use only entries in packs ``accept`` approves (None: every pack)."""
+        with self._lock:
+            self._filter = accept
+            self._run_ok.clear()
+
+    def _ok(self, run: Run, ref: int) -> bool:
+        if self._filter is None:
+            return True
+        flags = self._run_ok.get(id(run))
+        if flags is None:
+            flags = bytearray(self._filter(run.pack_id(i)) for i in range(run.npacks))
+            self._run_ok[id(run)] = flags
+        return bool(flags[ref])
+
+    def locations(self, blob_id: bytes) -> list[Location]:
+        """Every entry of the blob, usable or not."""
+        with self._lock:
+            out = list(self._mem.get(blob_id, ()))
+            runs = list(self._runs)
+        for run in runs:
+            for _, ref, off, length, raw, btype in run.find(blob_id):
+                out.append(Location(run.pack_id(ref), BlobType(btype), off, length, raw))
+        return out
 
     def get(self, blob_id: bytes) -> Location | None:
-        return self._map.get(blob_id)
-
-    def items(self) -> Iterator[tuple[bytes, Location]]:
-        return iter(list(self._map.items()))
-
-    def add_pack(self, pack_id: bytes, entries: Iterable[BlobEntry]) -> None:
+        """The first entry of the blob in a pack the filter accepts."""
         with self._lock:
-            for e in entries:
-                self._map.setdefault(
-                    e.id, Location(pack_id, e.type, e.offset, e.length, e.raw_length)
-                )
+            for loc in self._mem.get(blob_id, ()):
+                if self._filter is None or self._filter(loc.pack_id):
+                    return loc
+            runs = list(self._runs)
+        for run in runs:
+            for _, ref, off, length, raw, btype in run.find(blob_id):
+                if self._ok(run, ref):
+                    return Location(run.pack_id(ref), BlobType(btype), off, length, raw)
+        return None
 
-    def load(self, backend: Backend, hasher: Hasher) -> None:
-        """Read every segment not loaded yet, checking each against its id."""
-        for info in backend.list("index/"):
-            key = info.key
-            name = key.rpartition("/")[2]
-            try:
-                seg_id = bytes.fromhex(name)
-            except ValueError:
-                raise IntegrityError(f"{key}: not an index segment name", key=key) from None
-            if seg_id in self.segments:
+    def __contains__(self, blob_id: bytes) -> bool:
+        return self.get(blob_id) is not None
+
+    def __len__(self) -> int:
+        """Entries (duplicates included)."""
+        with self._lock:
+            return self._mem_count + sum(r.n for r in self._runs)
+
+    def entries(self) -> Iterator[tuple[bytes, Location]]:
+        """Every entry, run by run (no global order; duplicates included)."""
+        with self._lock:
+            runs = list(self._runs)
+            mem = [(bid, loc) for bid, locs in self._mem.items() for loc in locs]
+        for run in runs:
+            for bid, ref, off, length, raw, btype in run.records():
+                yield bid, Location(run.pack_id(ref), BlobType(btype), off, length, raw)
+        yield from mem
+
+    def packs(self) -> dict[bytes, int | None]:
+        """Every pack the index names, with its size where a segment recorded it."""
+        out: dict[bytes, int | None] = {}
+        with self._lock:
+            for run in self._runs:
+                for p in run.packs():
+                    if out.get(p.pack_id) is None:
+                        out[p.pack_id] = p.size
+            for locs in self._mem.values():
+                for loc in locs:
+                    out.setdefault(loc.pack_id, None)
+            sizes = dict(self._mem_pack_sizes)
+        out.update({k: v for k, v in sizes.items() if v is not None})
+        return out
+
+    @property
+    def covered(self) -> frozenset[bytes]:
+        """The segments whose entries this index holds."""
+        with self._lock:
+            return frozenset(self._covered)
+
+    # -- adding --------------------------------------------------------------
+
+    def publish(self, segment_id: bytes, segment: Segment) -> None:
+        """Make a durable segment's entries visible (a session's own, or a small new one)."""
+        with self._lock:
+            if segment_id in self._covered:
+                return
+            for pid, size in zip(segment.packs, segment.pack_sizes, strict=True):
+                self._mem_pack_sizes[pid] = size
+            for pack_id, e in segment.blob_entries():
+                self._mem.setdefault(e.id, []).append(
+                    Location(pack_id, e.type, e.offset, e.length, e.raw_length))
+                self._mem_count += 1
+            self._mem_segments.add(segment_id)
+            self._covered.add(segment_id)
+            if self._mem_count >= SPILL_ENTRIES:
+                self._spill()
+
+    def _spill(self) -> None:
+        """Write the in-memory entries into a run and register it (lock held)."""
+        packs: dict[bytes, int] = {}
+        recs: list[Record] = []
+        for bid, locs in self._mem.items():
+            for loc in locs:
+                ref = packs.setdefault(loc.pack_id, len(packs))
+                recs.append((bid, ref, loc.offset, loc.length, loc.raw_length, int(loc.type)))
+        recs.sort()
+        table = [RunPack(pid, self._mem_pack_sizes.get(pid)) for pid in packs]
+        source = Source(table, lambda: iter(recs), len(recs))
+        with self._flock():
+            state = self._read_state()
+            run = write_run(self._new_run_path(), [source])
+            state.runs.append(_RunState(run.path.name, set(self._mem_segments), run.n))
+            state = self._compact(state)
+            self._write_state(state)
+            self._open_runs(state)
+        self._mem.clear()
+        self._mem_count = 0
+        self._mem_segments.clear()
+        self._mem_pack_sizes = {}
+
+    # -- keeping up with the repository --------------------------------------
+
+    def sync(self, store: RepoStore) -> None:
+        """Bring the index up to date with the repository's segments."""
+        listing = store.listing(INDEX_PREFIX, lambda k: parse_hex_name(k, INDEX_PREFIX) is not None)
+        present = {bytes.fromhex(i.key[len(INDEX_PREFIX):]) for i in listing}
+        store.forget_cached(INDEX_PREFIX, (index_key(s) for s in present))
+        with self._lock, self._flock():
+            state = self._read_state()
+            covered = state.covered
+            fresh: dict[bytes, Segment] = {}
+            superseded = set(state.superseded)
+            for sid in sorted(present - covered - superseded):
+                seg = self._load(store, sid)
+                if seg is not None:
+                    fresh[sid] = seg
+                    superseded |= set(seg.supersedes)
+            if (covered - present) or (covered & superseded) or not self._runs_exist(state):
+                log.info("rebuilding the local index (%d segments)", len(present))
+                state = self._rebuild(store, present)
+                fresh = {}
+            else:
+                state.superseded = superseded & present
+                small = {sid: seg for sid, seg in fresh.items() if sid not in superseded}
+                if sum(len(s) for s in small.values()) >= SPILL_ENTRIES:
+                    run = write_run(self._new_run_path(), [_source(s, sid) for sid, s in
+                                                           sorted(small.items())])
+                    state.runs.append(_RunState(run.path.name, set(small), run.n))
+                    small = {}
+                state = self._compact(state)
+                fresh = small
+            self._write_state(state)
+            self._open_runs(state)
+            self._covered = set(state.covered)
+            self._mem.clear()
+            self._mem_count = 0
+            self._mem_segments.clear()
+            self._mem_pack_sizes = {}
+        for sid, seg in sorted(fresh.items()):
+            self.publish(sid, seg)
+        self.synced = True
+
+    def _load(self, store: RepoStore, sid: bytes) -> Segment | None:
+        key = index_key(sid)
+        try:
+            return store.load_segment(sid)
+        except IntegrityError as exc:
+            store.damaged(exc, key)
+        except ObjectNotFound:
+            log.debug("%s vanished while the index was read", key)
+        return None
+
+    def _rebuild(self, store: RepoStore, present: set[bytes]) -> _State:
+        """New runs from every current segment, loaded a bounded group at a time."""
+        superseded: set[bytes] = set()
+        groups: list[list[bytes]] = [[]]
+        sizes: dict[bytes, int] = {}
+        for sid in sorted(present):
+            seg = self._load(store, sid)
+            if seg is None:
                 continue
-            raw = backend.get(key)
-            if hasher.id(raw) != seg_id:
-                raise IntegrityError(f"{key}: content does not match its id", key=key)
-            for pack_id, entries in decode_segment(raw, key):
-                self.add_pack(pack_id, entries)
-            self.segments.add(seg_id)
+            superseded |= set(seg.supersedes)
+            sizes[sid] = len(seg.entries)
+            if groups[-1] and sum(sizes[g] for g in groups[-1]) + sizes[sid] > GROUP_BYTES:
+                groups.append([])
+            groups[-1].append(sid)
+        state = _State(superseded=superseded & present)
+        for group in groups:
+            ids = [sid for sid in group if sid not in superseded]
+            if not ids:
+                continue
+            sources = []
+            for sid in ids:
+                seg = self._load(store, sid)
+                if seg is not None:
+                    sources.append(_source(seg, sid))
+            run = write_run(self._new_run_path(), sources)
+            state.runs.append(_RunState(run.path.name, set(ids), run.n))
+        return self._compact(state)
+
+    def _compact(self, state: _State) -> _State:
+        """Merge the newest runs while they are comparable in size (or too many)."""
+        runs = [r for r in state.runs if r.n > 0 or r.segments]
+        while len(runs) >= 2 and (runs[-1].n * 2 >= runs[-2].n or len(runs) > MAX_RUNS):
+            a, b = runs[-2], runs[-1]
+            ra, rb = Run(self.directory / a.file), Run(self.directory / b.file)
+            try:
+                base, other = (ra, rb) if ra.n >= rb.n else (rb, ra)
+                merged = write_run(self._new_run_path(), [_run_source(other)], base=base)
+            finally:
+                ra.close()
+                rb.close()
+            runs[-2:] = [_RunState(merged.path.name, a.segments | b.segments, merged.n)]
+            merged.close()
+        state.runs = runs
+        return state
+
+    # -- the state file ------------------------------------------------------
+
+    @contextlib.contextmanager
+    def _flock(self) -> Iterator[None]:
+        fd = os.open(self.directory / "lock", os.O_RDWR | os.O_CREAT, 0o600)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)
+            yield
+        finally:
+            os.close(fd)
+
+    def _new_run_path(self) -> Path:
+        return self.directory / f"run-{secrets.token_hex(8)}.idx"
+
+    def _read_state(self) -> _State:
+        try:
+            raw = (self.directory / "state").read_bytes()
+            doc = msgpack.unpackb(raw, raw=False)
+            if doc.get("v") != STATE_VERSION:
+                raise ValueError("state version")
+            return _State([_RunState(str(r["file"]), {bytes(s) for s in r["segments"]},
+                                     int(r["n"])) for r in doc["runs"]],
+                          {bytes(s) for s in doc["superseded"]})
+        except FileNotFoundError:
+            return _State()
+        except (OSError, ValueError, KeyError, TypeError, msgpack.ExtraData) as exc:
+            log.info("local index state unreadable (%s): rebuilding", exc)
+            return _State(runs=[_RunState("missing", set(), 0)])
+
+    def _runs_exist(self, state: _State) -> bool:
+        return all((self.directory / r.file).is_file() for r in state.runs)
+
+    def _write_state(self, state: _State) -> None:
+        doc = {"v": STATE_VERSION, "superseded": sorted(state.superseded),
+               "runs": [{"file": r.file, "segments": sorted(r.segments), "n": r.n}
+                        for r in state.runs]}
+        tmp = self.directory / f".state.{secrets.token_hex(4)}"
+        tmp.write_bytes(msgpack.packb(doc, use_bin_type=True))
+        os.replace(tmp, self.directory / "state")
+        keep = {r.file for r in state.runs}
+        for p in self.directory.glob("run-*.idx"):
+            if p.name not in keep:
+                try:
+                    p.unlink()  # mapped by others: the data lives on until they close it
+                except OSError as exc:
+                    log.debug("cannot remove old index run %s: %s", p, exc)
+
+    def _open_runs(self, state: _State) -> None:
+        self._retired += self._runs
+        self._runs = [Run(self.directory / r.file) for r in state.runs]
+        self._run_ok.clear()
+
+    def close(self) -> None:
+        with self._lock:
+            for run in self._runs + self._retired:
+                run.close()
+            self._runs, self._retired = [], []
 
 
-def encode_segment(packs: list[tuple[bytes, list[BlobEntry]]], hasher: Hasher) -> tuple[str, bytes]:
-    """Return ``(key, bytes)`` of a segment naming ``packs``."""
-    raw = encode_record(
-        {"v": 1, "packs": [[pid, [e.as_list() for e in entries]] for pid, entries in packs]}
-    )
-    return index_key(hasher.id(raw)), raw
+def _source(seg: Segment, sid: bytes) -> Source:
+    packs = [RunPack(p, s) for p, s in zip(seg.packs, seg.pack_sizes, strict=True)]
+    key = index_key(sid)
+    return Source(packs, lambda: check_records(seg, key), len(seg))
 
 
-def decode_segment(raw: bytes, what: str) -> list[tuple[bytes, list[BlobEntry]]]:
-    rec = decode_record(raw, what)
-    packs = rec.get("packs")
-    if not isinstance(packs, list):
-        raise IntegrityError(f"{what}: segment without packs", key=what)
-    out = []
-    for item in packs:
-        if not isinstance(item, list) or len(item) != 2:
-            raise IntegrityError(f"{what}: malformed pack entry", key=what)
-        out.append((bytes(item[0]), [BlobEntry.from_list(b, what) for b in item[1]]))
-    return out
+def _run_source(run: Run) -> Source:
+    return Source(run.packs(), run.records, run.n)
+

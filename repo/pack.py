@@ -17,8 +17,9 @@ from __future__ import annotations
 import struct
 from dataclasses import dataclass
 
+from .codec import Codec, RecordKind
 from .errors import IntegrityError
-from .format import ID_SIZE, BlobType, Hasher, decode_record, encode_record
+from .format import ID_SIZE, BlobType, Hasher
 
 PACK_MAGIC = b"VMRPACK1"
 TRAILER_MAGIC = b"VMRPKEND"
@@ -72,17 +73,18 @@ class PackBuilder:
         self._parts.append(stored)
         self._size += len(stored)
 
-    def seal(self, hasher: Hasher) -> tuple[bytes, list[bytes]]:
+    def seal(self, hasher: Hasher, codec: Codec) -> tuple[bytes, list[bytes]]:
         """Return ``(pack_id, parts)``: the pack is the parts concatenated, its id their
         keyed hash (computed without joining them)."""
-        header = encode_record({"v": 1, "blobs": [e.as_list() for e in self.entries]})
+        header = codec.encode_record(RecordKind.PACK_HEADER,
+                                     {"v": 1, "blobs": [e.as_list() for e in self.entries]})
         self._parts.append(header)
         self._parts.append(TRAILER.pack(len(header), TRAILER_MAGIC))
         parts, self._parts = self._parts, []
         return hasher.id_of_parts(parts), parts
 
 
-def parse_header(tail: bytes, pack_size: int, what: str) -> tuple[int, int]:
+def parse_trailer(tail: bytes, pack_size: int, what: str) -> tuple[int, int]:
     """From the last 12 bytes of a pack return ``(header_offset, header_length)``."""
     if len(tail) != TRAILER.size:
         raise IntegrityError(f"{what}: pack too short", key=what)
@@ -92,9 +94,17 @@ def parse_header(tail: bytes, pack_size: int, what: str) -> tuple[int, int]:
     return pack_size - TRAILER.size - hlen, hlen
 
 
-def decode_header(raw: bytes, what: str) -> list[BlobEntry]:
-    rec = decode_record(raw, what)
+def decode_header(codec: Codec, raw: bytes, what: str,
+                  pack_size: int | None = None) -> list[BlobEntry]:
+    """The entries of a pack header; with ``pack_size``, each must lie inside the pack."""
+    rec = codec.decode_record(RecordKind.PACK_HEADER, raw, what, 1)
     blobs = rec.get("blobs")
     if not isinstance(blobs, list):
         raise IntegrityError(f"{what}: pack header without blobs", key=what)
-    return [BlobEntry.from_list(b, what) for b in blobs]
+    entries = [BlobEntry.from_list(b, what) for b in blobs]
+    if pack_size is not None:
+        end = pack_size - len(raw) - TRAILER.size
+        for e in entries:
+            if e.offset < len(PACK_MAGIC) or e.offset + e.length > end:
+                raise IntegrityError(f"{what}: header names a blob outside the pack", key=what)
+    return entries

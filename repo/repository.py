@@ -1,73 +1,181 @@
-"""A repository: a backend plus its config, index and blob access."""
+"""A repository: its config, its store (the one door to the backend), its index and blob reads."""
 
 from __future__ import annotations
 
-from vmrepo.storage.base import Backend
-from vmrepo.storage.errors import ObjectNotFound
+import logging
+from collections.abc import Callable
+from typing import Any
 
+from vmrepo.storage.base import Backend
+from vmrepo.storage.errors import ObjectNotFound, StorageError
+
+from .cache import Cache
+from .codec import Codec
 from .config import RepoConfig
-from .errors import IntegrityError, RepositoryExists, RepositoryNotFound
-from .format import CONFIG_KEY, ZERO_ID, BlobCodec, Hasher, pack_key
+from .errors import IncompatibleRepository, IntegrityError, RepositoryExists, RepositoryNotFound
+from .format import (
+    CONFIG_KEY,
+    FORMAT_VERSION,
+    PACK_PREFIX,
+    ZERO_ID,
+    Hasher,
+    pack_key,
+    parse_pack_key,
+)
 from .index import Index
 from .manifest import Manifest, split_page
-from .packer import Packer
+from .session import WriteSession
 from .snapshots import Snapshot, load_snapshots
+from .store import Reporter, RepoStore, log_problem
+
+log = logging.getLogger(__name__)
 
 
 class Repository:
     """An opened repository. Blob reads verify each blob against its id."""
 
-    def __init__(self, backend: Backend, config: RepoConfig) -> None:
-        self.backend = backend
+    def __init__(self, backend: Backend, config: RepoConfig, cache: Cache | None = None,
+                 report: Reporter = log_problem) -> None:
         self.config = config
         self.hasher = Hasher(config.hash_key)
-        self.codec = BlobCodec(config.compression_level)
-        self.index = Index()
+        self.codec = Codec(config.codec_level)
+        self.cache = cache if cache is not None else Cache.open(config.repository_id)
+        self.store = RepoStore(backend, self.codec, self.hasher, self.cache, report)
+        self._index: Index | None = None
+        self._packs: dict[bytes, int] | None = None
         self._zero_chunk = bytes(config.chunk_size)
 
-    @classmethod
-    def init(cls, backend: Backend, config: RepoConfig) -> Repository:
-        """Write ``config`` to an empty location; refuse an existing repository."""
-        if backend.exists(CONFIG_KEY):
-            raise RepositoryExists(backend.location)
-        backend.put(CONFIG_KEY, config.encode())
-        return cls(backend, config)
+    @property
+    def backend(self) -> Backend:
+        return self.store.backend
 
     @classmethod
-    def open(cls, backend: Backend, load_index: bool = True) -> Repository:
+    def init(cls, backend: Backend, config: RepoConfig, **kw: Any) -> Repository:
+        """Write ``config`` to an empty location; refuse an existing repository."""
+        try:
+            backend.create(CONFIG_KEY, config.encode())
+        except StorageError as exc:
+            if backend.exists(CONFIG_KEY):
+                raise RepositoryExists(backend.location) from None
+            raise exc
+        return cls(backend, config, **kw)
+
+    @classmethod
+    def open(cls, backend: Backend, **kw: Any) -> Repository:
         try:
             raw = backend.get(CONFIG_KEY)
         except ObjectNotFound:
             raise RepositoryNotFound(backend.location) from None
-        repo = cls(backend, RepoConfig.decode(raw))
-        if load_index:
-            repo.index.load(backend, repo.hasher)
-        return repo
+        return cls(backend, RepoConfig.decode(raw), **kw)
 
-    def packer(self) -> Packer:
-        return Packer(self.backend, self.index, self.hasher, self.codec, self.config.pack_size)
+    def require_current_format(self, what: str) -> None:
+        """Refuse to write into an older format (older readers must keep working on it)."""
+        if self.config.version < FORMAT_VERSION:
+            raise IncompatibleRepository(
+                f"{what} needs repository format {FORMAT_VERSION}; this repository is format "
+                f"{self.config.version}: run `vmrepo upgrade` (in place, keeps every snapshot)",
+                version=self.config.version)
+
+    def upgrade(self) -> bool:
+        """Rewrite the config at the current format version; False if it was current."""
+        if self.config.version >= FORMAT_VERSION:
+            return False
+        self.config = self.config.upgraded()
+        self.store.put(CONFIG_KEY, self.config.encode())
+        return True
+
+    # -- index ---------------------------------------------------------------
+
+    @property
+    def index(self) -> Index:
+        """The index, brought up to date with the repository on first use."""
+        if self._index is None:
+            index = Index(self.cache.index_dir)
+            index.sync(self.store)
+            self._index = index
+        return self._index
+
+    def existing_packs(self) -> dict[bytes, int]:
+        """Every pack in the store with its size (one listing, kept for this process)."""
+        if self._packs is None:
+            packs = {}
+            for info in self.store.listing(PACK_PREFIX, lambda k: parse_pack_key(k) is not None):
+                pid = parse_pack_key(info.key)
+                assert pid is not None
+                packs[pid] = info.size
+            self._packs = packs
+        return self._packs
+
+    def note_pack(self, pack_id: bytes, size: int) -> None:
+        """A pack this process has just stored (keeps the pack listing current)."""
+        if self._packs is not None:
+            self._packs[pack_id] = size
+
+    def only_existing_packs(self) -> None:
+        """Let lookups use only entries in packs that exist (a snapshot must not build on
+        missing data); costs one listing of the packs."""
+        packs = self.existing_packs()
+        self.index.set_pack_filter(packs.__contains__)
+
+    def session(self, check: Callable[[], None] | None = None, **kw: Any) -> WriteSession:
+        self.require_current_format("writing")
+        return WriteSession(self, check=check, **kw)
+
+    def close(self) -> None:
+        if self._index is not None:
+            self._index.close()
+            self._index = None
+        self.backend.close()
+
+    # -- blobs ---------------------------------------------------------------
 
     def zero_chunk(self, length: int) -> bytes:
         return self._zero_chunk[:length] if length != self.config.chunk_size else self._zero_chunk
 
-    def read_blob(self, blob_id: bytes) -> bytes:
-        """Return a blob's plaintext; IntegrityError if missing or corrupt.
-
-        Blobs are addressed by content alone: a page whose bytes equal a chunk's
-        is the same blob, so the type recorded in the index is informational.
-        """
-        loc = self.index.get(blob_id)
+    def read_blob(self, blob_id: bytes, cache: bool = False) -> bytes:
+        """A blob's plaintext, from any copy that passes its checks; IntegrityError naming
+        the blob and every copy's problem otherwise. ``cache`` keeps small immutable blobs
+        (manifest pages and roots) in the local cache of a remote repository."""
+        objects = self.store.objects if cache else None
+        ckey = f"blobs/{blob_id.hex()}"
         what = f"blob {blob_id.hex()[:16]}"
-        if loc is None:
+        if objects is not None:
+            cached = objects.get(ckey)
+            if cached is not None and len(cached) > 4:
+                try:
+                    return self.check_blob(blob_id, cached[4:],
+                                           int.from_bytes(cached[:4], "little"), what)
+                except IntegrityError:
+                    objects.discard(ckey)
+        locations = self.index.locations(blob_id)
+        if not locations:
             raise IntegrityError(f"{what} is referenced but not in the index", key=what)
-        key = pack_key(loc.pack_id)
-        try:
-            stored = self.backend.get(key, loc.offset, loc.length)
-        except ObjectNotFound:
-            raise IntegrityError(f"{what}: pack {key} is missing", key=key) from None
-        data = self.codec.decode(stored, loc.raw_length, what)
+        errors = []
+        for loc in locations:
+            key = pack_key(loc.pack_id)
+            try:
+                stored = self.store.get_range(key, loc.offset, loc.length)
+                data = self.check_blob(blob_id, stored, loc.raw_length, f"{what} in {key}")
+            except ObjectNotFound:
+                errors.append(f"pack {key} is missing")
+                continue
+            except IntegrityError as exc:
+                errors.append(str(exc))
+                continue
+            except StorageError as exc:
+                errors.append(f"{key}: {exc}")
+                continue
+            if objects is not None:
+                objects.put(ckey, loc.raw_length.to_bytes(4, "little") + stored)
+            return data
+        raise IntegrityError(f"{what}: no readable copy ({'; '.join(errors)})", key=what)
+
+    def check_blob(self, blob_id: bytes, stored: bytes | memoryview, raw_length: int,
+                   what: str) -> bytes:
+        """Decode a stored blob and check it against its id."""
+        data = self.codec.decode_blob(blob_id, stored, raw_length, what)
         if self.hasher.id(data) != blob_id:
-            raise IntegrityError(f"{what} in {key} does not match its id", key=key)
+            raise IntegrityError(f"{what} does not match its id", key=what)
         return data
 
     def read_chunk(self, chunk_id: bytes, length: int) -> bytes:
@@ -81,17 +189,22 @@ class Repository:
         return data
 
     def manifest(self, root_id: bytes) -> Manifest:
-        m = Manifest.decode(self.read_blob(root_id), f"root {root_id.hex()[:16]}")
+        m = Manifest.decode(self.read_blob(root_id, cache=True), f"root {root_id.hex()[:16]}")
         if m.chunk_size != self.config.chunk_size:
             raise IntegrityError(f"root {root_id.hex()[:16]}: chunk size differs from config")
         return m
 
     def page(self, manifest: Manifest, page_no: int) -> bytes:
         pid = manifest.page_ids[page_no]
-        data = self.read_blob(pid)
+        data = self.read_blob(pid, cache=True)
         split_page(data, manifest.page_span(page_no)[1], f"page {pid.hex()[:16]}")
         return data
 
+    # -- snapshots -----------------------------------------------------------
+
     def snapshots(self, vm: str | None = None) -> list[Snapshot]:
-        snaps = load_snapshots(self.backend)
+        """Committed snapshots (of one VM), oldest first; damaged records are reported and
+        left out."""
+        snaps = load_snapshots(self.store)
         return [s for s in snaps if vm is None or s.vm == vm]
+

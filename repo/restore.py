@@ -10,24 +10,27 @@ from __future__ import annotations
 
 import contextlib
 import json
+import logging
 import os
 import secrets
 import subprocess
 import tempfile
-from collections import deque
+import threading
 from collections.abc import Callable, Iterator
-from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
-from .errors import RestoreError
+from .errors import IntegrityError, RestoreError
 from .format import ZERO_ID
+from .logs import ignored
 from .manifest import Manifest, iter_chunks, split_page
+from .planner import ReadPlanner
 from .repository import Repository
 from .snapshots import DiskRecord
 
+log = logging.getLogger(__name__)
+
 Progress = Callable[[int], None]
-BATCH = 16
 
 
 @dataclass
@@ -35,6 +38,8 @@ class RestoreStats:
     bytes_written: int = 0
     chunks_read: int = 0
     chunks_zero: int = 0
+    #: Storage requests the read planner made.
+    requests: int = 0
 
 
 def _partial_path(final: Path) -> Path:
@@ -53,7 +58,7 @@ def _atomic_output(final: Path, force: bool) -> Iterator[Path]:
         yield tmp
         os.replace(tmp, final)
     except BaseException:
-        with contextlib.suppress(OSError):
+        with ignored(log, f"removing {tmp}", OSError):
             tmp.unlink()
         raise
 
@@ -69,55 +74,42 @@ def _run(cmd: list[str], what: str) -> str:
     return res.stdout
 
 
-def _write_chunks(repo: Repository, manifest: Manifest, fd: int,
-                  chunks: Iterator[tuple[int, bytes]], stats: RestoreStats,
-                  progress: Progress | None, workers: int) -> None:
-    """Write the data chunks at their offsets; zero chunks stay holes of the sparse file."""
+def write_chunks(repo: Repository, manifest: Manifest, fd: int,
+                 chunks: Iterator[tuple[int, bytes]], stats: RestoreStats,
+                 progress: Progress | None, workers: int | None = None,
+                 check: Callable[[], None] | None = None) -> None:
+    """Write the data chunks at their offsets through the read planner; zero chunks stay
+    holes of the sparse file."""
+    lock = threading.Lock()
 
-    def work(batch: list[tuple[int, bytes]]) -> int:
-        n = 0
-        for index, cid in batch:
-            length = manifest.chunk_length(index)
-            data = repo.read_chunk(cid, length)
-            os.pwrite(fd, data, index * manifest.chunk_size)
-            n += length
-        return n
+    def deliver(index: int, data: bytes) -> None:
+        length = manifest.chunk_length(index)
+        if len(data) != length:
+            raise IntegrityError(f"chunk {index} is {len(data)} bytes, expected {length}")
+        os.pwrite(fd, data, index * manifest.chunk_size)
+        with lock:
+            stats.bytes_written += length
+            if progress:
+                progress(length)
 
-    inflight: deque[Future[int]] = deque()
+    def wanted() -> Iterator[tuple[bytes, int]]:
+        for index, cid in chunks:
+            if cid == ZERO_ID:
+                stats.chunks_zero += 1
+                if progress:
+                    progress(manifest.chunk_length(index))
+                continue
+            stats.chunks_read += 1
+            yield cid, index
 
-    def collect() -> None:
-        done = inflight.popleft().result()
-        stats.bytes_written += done
-        if progress:
-            progress(done)
-
-    with ThreadPoolExecutor(workers, thread_name_prefix="vmrepo-restore") as pool:
-        try:
-            batch: list[tuple[int, bytes]] = []
-            for index, cid in chunks:
-                if cid == ZERO_ID:
-                    stats.chunks_zero += 1
-                    if progress:
-                        progress(manifest.chunk_length(index))
-                    continue
-                stats.chunks_read += 1
-                batch.append((index, cid))
-                if len(batch) == BATCH:
-                    inflight.append(pool.submit(work, batch))
-                    batch = []
-                    while len(inflight) > workers * 3:
-                        collect()
-            if batch:
-                inflight.append(pool.submit(work, batch))
-            while inflight:
-                collect()
-        finally:
-            for fut in inflight:
-                fut.cancel()
+    planner: ReadPlanner[int] = ReadPlanner(repo, deliver, workers=workers, check=check)
+    planned = planner.read(wanted())
+    stats.requests += planned.requests
 
 
 def restore_raw(repo: Repository, disk: DiskRecord, out: Path, *, force: bool = False,
-                progress: Progress | None = None, workers: int = 2) -> RestoreStats:
+                progress: Progress | None = None, workers: int | None = None,
+                check: Callable[[], None] | None = None) -> RestoreStats:
     """Write ``disk`` as a sparse raw image at ``out``."""
     manifest = repo.manifest(disk.root)
     stats = RestoreStats()
@@ -126,7 +118,7 @@ def restore_raw(repo: Repository, disk: DiskRecord, out: Path, *, force: bool = 
         try:
             os.ftruncate(fd, manifest.size)
             chunks = iter_chunks(manifest, lambda n: repo.page(manifest, n))
-            _write_chunks(repo, manifest, fd, chunks, stats, progress, workers)
+            write_chunks(repo, manifest, fd, chunks, stats, progress, workers, check)
             os.fsync(fd)
         finally:
             os.close(fd)
@@ -134,16 +126,18 @@ def restore_raw(repo: Repository, disk: DiskRecord, out: Path, *, force: bool = 
 
 
 def restore_qcow2(repo: Repository, disk: DiskRecord, out: Path, *, force: bool = False,
-                  progress: Progress | None = None, workers: int = 2) -> RestoreStats:
+                  progress: Progress | None = None, workers: int | None = None,
+                  check: Callable[[], None] | None = None) -> RestoreStats:
     """Write ``disk`` as a qcow2 image at ``out`` (through a sparse raw in the same place)."""
     with _atomic_output(out, force) as tmp:
         raw = _partial_path(out)
         try:
-            stats = restore_raw(repo, disk, raw, progress=progress, workers=workers)
+            stats = restore_raw(repo, disk, raw, progress=progress, workers=workers,
+                                check=check)
             _run(["qemu-img", "convert", "-q", "-f", "raw", "-O", "qcow2", str(raw), str(tmp)],
                  "qemu-img convert")
         finally:
-            with contextlib.suppress(OSError):
+            with ignored(log, f"removing {raw}", OSError):
                 raw.unlink()
     return stats
 

@@ -29,6 +29,8 @@ class Settings:
     path: Path | None = None
     repository: str | None = None
     vms: dict[str, dict[str, Any]] = field(default_factory=dict)
+    #: Settings for the repository's storage backend (``[storage]``: endpoint, region, ...).
+    storage: dict[str, Any] = field(default_factory=dict)
 
     def vm(self, name: str) -> dict[str, Any]:
         """The table of VM ``name``; ConfigError naming the known VMs otherwise."""
@@ -78,4 +80,7 @@ def load_settings(explicit: str | None, env: Mapping[str, str] = os.environ) -> 
             raise ConfigError(f"config file {path}: vm {name} needs source = \"...\"", str(path))
     if repo is not None and not repo.startswith(("/", "~")) and "://" not in repo:
         repo = str((path.parent / repo).absolute())
-    return Settings(path, os.path.expanduser(repo) if repo else None, vms)
+    storage = doc.get("storage", {})
+    if not isinstance(storage, dict):
+        raise ConfigError(f"config file {path}: [storage] must be a table", str(path))
+    return Settings(path, os.path.expanduser(repo) if repo else None, vms, storage)

@@ -11,12 +11,18 @@ from __future__ import annotations
 import secrets
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from vmrepo.storage.base import Backend
+from vmrepo.storage.errors import ObjectNotFound
 
-from .errors import IntegrityError
-from .format import decode_record, encode_record, snapshot_key
+from .codec import RecordKind
+from .errors import IncompatibleRepository, IntegrityError
+from .format import SNAPSHOT_PREFIX, parse_hex_name, snapshot_key
+
+if TYPE_CHECKING:
+    from .store import RepoStore
+
+SNAPSHOT_VERSION = 1
 
 #: How a disk was taken: a full read, or changes on top of a base snapshot.
 TAKEN_AS = ("full", "incremental", "differential")
@@ -76,9 +82,9 @@ class Snapshot:
     def disk(self, name: str) -> DiskRecord | None:
         return next((d for d in self.disks if d.name == name), None)
 
-    def encode(self) -> bytes:
-        return encode_record({
-            "v": 1,
+    def fields(self) -> dict[str, Any]:
+        return {
+            "v": SNAPSHOT_VERSION,
             "id": self.id,
             "vm": self.vm,
             "time": self.time.astimezone(UTC).isoformat(timespec="microseconds"),
@@ -87,11 +93,10 @@ class Snapshot:
             "source": {"plugin": self.source, "info": self.source_info},
             "disks": [d.to_map() for d in self.disks],
             "program": self.program,
-        })
+        }
 
     @classmethod
-    def decode(cls, raw: bytes, what: str) -> Snapshot:
-        rec = decode_record(raw, what)
+    def from_fields(cls, rec: dict[str, Any], what: str) -> Snapshot:
         try:
             t = datetime.fromisoformat(rec["time"])
             if t.tzinfo is None:
@@ -121,18 +126,29 @@ class Snapshot:
         }
 
 
-def save_snapshot(backend: Backend, snap: Snapshot) -> None:
-    backend.put(snapshot_key(snap.id), snap.encode())
+def save_snapshot(store: RepoStore, snap: Snapshot) -> None:
+    store.put_record(RecordKind.SNAPSHOT, snapshot_key(snap.id), snap.fields())
 
 
-def load_snapshots(backend: Backend) -> list[Snapshot]:
-    """Every snapshot record, oldest first."""
+def load_snapshots(store: RepoStore) -> list[Snapshot]:
+    """Every snapshot record that decodes, oldest first; the others are reported as damaged
+    and left out, names vmrepo never writes are reported as foreign."""
+    listing = store.listing(SNAPSHOT_PREFIX,
+                            lambda k: parse_hex_name(k, SNAPSHOT_PREFIX) is not None)
+    store.forget_cached(SNAPSHOT_PREFIX, (i.key for i in listing))
     snaps = []
-    for info in backend.list("snapshots/"):
-        key = info.key
-        snap = Snapshot.decode(backend.get(key), key)
-        if snapshot_key(snap.id) != key:
-            raise IntegrityError(f"{key}: record names another id {snap.id}", key=key)
+    for info in listing:
+        try:
+            rec = store.get_record(RecordKind.SNAPSHOT, info.key, SNAPSHOT_VERSION, info)
+            snap = Snapshot.from_fields(rec, info.key)
+            if snapshot_key(snap.id) != info.key:
+                raise IntegrityError(f"{info.key}: record names another id {snap.id}",
+                                     key=info.key)
+        except (IntegrityError, IncompatibleRepository) as exc:
+            store.problem(info.key, str(exc))
+            continue
+        except ObjectNotFound:
+            continue  # deleted while we listed
         snaps.append(snap)
     snaps.sort(key=lambda s: (s.time, s.id))
     return snaps

@@ -10,6 +10,10 @@
 
 from __future__ import annotations
 
+import contextlib
+import logging
+from collections.abc import Iterator
+
 
 class SourceError(Exception):
     """Base of all source errors; ``disk`` names the disk concerned, if any."""
@@ -29,3 +33,12 @@ class DiskUnreadable(SourceError):
 
 class SourceUnavailable(SourceError):
     """The VM or the channel used to control it cannot be reached."""
+
+
+@contextlib.contextmanager
+def ignored(log: logging.Logger, what: str, *errors: type[BaseException]) -> Iterator[None]:
+    """Suppress ``errors`` in the block, leaving a debug line that says what was ignored."""
+    try:
+        yield
+    except errors as exc:
+        log.debug("%s: ignored %s: %s", what, type(exc).__name__, exc)

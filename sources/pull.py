@@ -18,7 +18,7 @@ Two ways to configure a VM:
 
 from __future__ import annotations
 
-import contextlib
+import logging
 import os
 import shutil
 import subprocess
@@ -29,7 +29,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from .base import BackupContext, DiskStream, Extent, Source
-from .errors import SourceConfigError, SourceError
+from .errors import SourceConfigError, SourceError, ignored
 from .file import DISK_NAME_RE
 from .nbd.client import NbdAddress, NbdClient
 from .nbdread import (
@@ -43,6 +43,8 @@ from .nbdread import (
 from .qemu.bitmaps import Plan
 from .qemu.control import QemuSource, VmDisk, bitmap_count, end_job
 from .qemu.qmp import QmpConnection
+
+log = logging.getLogger(__name__)
 
 DEFAULT_RESERVE = 1 << 30
 WATCH_EVERY = 0.2
@@ -216,11 +218,11 @@ class FleecingSource(QemuSource):
 
     def teardown(self, conn: QmpConnection, committed: bool, problems: list[str]) -> None:
         for d in self._disks:
-            with contextlib.suppress(SourceError):
+            with ignored(log, f"removing export of disk {d.name}", SourceError):
                 conn.execute("block-export-del", {"id": f"{self.names(d.index)}e",
                                                   "mode": "hard"})
         if self._server_started:
-            with contextlib.suppress(SourceError):
+            with ignored(log, "stopping QEMU's NBD server", SourceError):
                 conn.execute("nbd-server-stop")
         for d in self._disks:
             try:
@@ -228,7 +230,7 @@ class FleecingSource(QemuSource):
                 end_job(conn, f"{self.names(d.index)}j", finalize=False)
             except SourceError as exc:
                 problems.append(str(exc))
-            with contextlib.suppress(SourceError):
+            with ignored(log, f"removing the fleece of disk {d.name}", SourceError):
                 conn.execute("blockdev-del", {"node-name": f"{self.names(d.index)}f"})
 
     def release(self) -> None:

@@ -20,19 +20,21 @@ sent everything; it is finalized only after the snapshot record is durable
 
 from __future__ import annotations
 
-import contextlib
+import logging
 import shutil
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any
 
 from .base import BackupContext, DiskStream, Extent
-from .errors import SourceError, SourceUnavailable
+from .errors import SourceError, SourceUnavailable, ignored
 from .nbd.errors import NbdError
 from .nbd.server import NbdServer
 from .qemu.control import QemuSource, VmDisk, bitmap_count, end_job
 from .qemu.pushexport import PushExport
 from .qemu.qmp import QmpConnection, QmpDisconnected
+
+log = logging.getLogger(__name__)
 
 JOB_END_STATES = ("waiting", "pending")
 
@@ -160,7 +162,7 @@ class QmpSource(QemuSource):
             except SourceError as exc:
                 problems.append(str(exc))
         for d in self._disks:
-            with contextlib.suppress(SourceError):
+            with ignored(log, f"removing node {d.target}", SourceError):
                 conn.execute("blockdev-del", {"node-name": d.target})
 
     def release(self) -> None:

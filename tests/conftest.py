@@ -19,3 +19,12 @@ def mem_repo() -> Repository:
 def local_repo(tmp_path: Path) -> Repository:
     cfg = RepoConfig.new(chunk_size=64 << 10, pack_size=1 << 20)
     return Repository.init(LocalBackend(tmp_path / "repo", create=True), cfg)
+
+
+@pytest.fixture(autouse=True)
+def private_cache(tmp_path_factory: pytest.TempPathFactory,
+                  monkeypatch: pytest.MonkeyPatch) -> Path:
+    """Every test gets its own vmrepo cache (the CLI inherits it through the environment)."""
+    path = tmp_path_factory.mktemp("cache")
+    monkeypatch.setenv("VMREPO_CACHE_DIR", str(path))
+    return path

@@ -11,7 +11,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from vmrepo.backup import SnapshotOptions, take_snapshot
 from vmrepo.config import RepoConfig
-from vmrepo.errors import IntegrityError
+from vmrepo.errors import ExtentError, IntegrityError
 from vmrepo.format import ZERO_ID
 from vmrepo.manifest import iter_chunks
 from vmrepo.repository import Repository
@@ -161,7 +161,7 @@ def test_failed_write_leaves_no_snapshot(tmp_path: Path, fail_on: str) -> None:
 
 def test_source_is_rolled_back_on_failure(mem_repo: Repository) -> None:
     src = MemorySource([MemoryDisk("d", CS, [Extent(0, 2 * CS, None)])])  # outside the disk
-    with pytest.raises(ValueError):
+    with pytest.raises(ExtentError, match="outside disk"):
         take_snapshot(mem_repo, src, SnapshotOptions(vm="vm"))
     assert src.finished == [False]
     assert mem_repo.snapshots() == []

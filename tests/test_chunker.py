@@ -7,7 +7,8 @@ import random
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from vmrepo.chunker import ChunkAssembler, ExtentError
+from vmrepo.chunker import ChunkAssembler
+from vmrepo.errors import ExtentError
 
 
 def assemble(size: int, cs: int, pieces: list[tuple[int, int, bytes | None]],

@@ -11,9 +11,9 @@ import time
 from datetime import datetime
 from pathlib import Path
 
+import msgpack
 import pytest
 from vmrepo import exitcodes
-from vmrepo.format import decode_record, encode_record
 
 from .helpers import run_cli, run_json, vmrepo_bin, write_sample_image
 
@@ -157,9 +157,9 @@ def test_minute_spec_with_two_snapshots(setup: Path) -> None:
 
 def test_newer_format_is_refused(setup: Path) -> None:
     cfg_path = setup / "repo" / "config"
-    rec = decode_record(cfg_path.read_bytes(), "config")
+    rec = msgpack.unpackb(cfg_path.read_bytes()[1:])
     rec["v"] = 99
-    cfg_path.write_bytes(encode_record(rec))
+    cfg_path.write_bytes(b"\x00" + msgpack.packb(rec))
     res = run_cli("snapshots", cwd=setup, check=False)
     assert res.returncode == exitcodes.INCOMPATIBLE
     assert "newer" in res.stderr
@@ -167,9 +167,11 @@ def test_newer_format_is_refused(setup: Path) -> None:
 
 def test_exclusive_lock_blocks_snapshot(setup: Path) -> None:
     from vmrepo.locks import acquire
+    from vmrepo.repository import Repository
     from vmrepo.storage.local import LocalBackend
 
-    lock = acquire(LocalBackend(setup / "repo"), "maintenance", exclusive=True)
+    repo = Repository.open(LocalBackend(setup / "repo"))
+    lock = acquire(repo.store, "maintenance", exclusive=True)
     try:
         res = run_cli("snapshot", "vm1", cwd=setup, check=False)
         assert res.returncode == exitcodes.LOCKED

@@ -18,7 +18,7 @@ raises :class:`NbdRequestError` carrying the NBD error code.
 
 from __future__ import annotations
 
-import contextlib
+import logging
 import socket
 import struct
 import urllib.parse
@@ -28,6 +28,8 @@ from dataclasses import dataclass
 
 from . import protocol as p
 from .errors import NbdConnectError, NbdError, NbdProtocolError, NbdRequestError
+
+log = logging.getLogger(__name__)
 
 #: Largest BLOCK_STATUS request (the protocol's u32 length, rounded down to 4 KiB).
 MAX_STATUS = 0xFFFFF000
@@ -405,10 +407,11 @@ class NbdClient:
             pos = got[-1].offset + got[-1].length
 
     def close(self) -> None:
-        with contextlib.suppress(OSError, NbdError):
+        try:
             self._request(p.CMD_DISC, 0, 0)
-        with contextlib.suppress(OSError):
             self.sock.shutdown(socket.SHUT_RDWR)
+        except (OSError, NbdError) as exc:
+            log.debug("closing the connection to %s: %s", self.address, exc)
         self.sock.close()
 
     def __enter__(self) -> NbdClient:

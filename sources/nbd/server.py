@@ -13,13 +13,12 @@ contexts are refused (ERR_UNSUP), which clients handle by falling back.
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import os
 import socket
 import threading
 from abc import ABC, abstractmethod
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 
 from . import protocol as p
 from .errors import NbdConnectError
@@ -113,18 +112,15 @@ class NbdServer:
         """Close the listener and every connection; wait for the threads."""
         self._stopping = True
         if self._listener is not None:
-            with contextlib.suppress(OSError):
-                self._listener.shutdown(socket.SHUT_RDWR)
+            _quietly("shutting the listener down", self._listener.shutdown, socket.SHUT_RDWR)
             self._listener.close()
         with self._lock:
             conns = list(self._conns)
         for c in conns:
-            with contextlib.suppress(OSError):
-                c.shutdown(socket.SHUT_RDWR)
+            _quietly("shutting a connection down", c.shutdown, socket.SHUT_RDWR)
         for t in list(self._threads):
             t.join(timeout=10)
-        with contextlib.suppress(OSError):
-            os.unlink(self.path)
+        _quietly(f"removing {self.path}", os.unlink, self.path)
 
     def _accept_loop(self) -> None:
         assert self._listener is not None
@@ -236,8 +232,10 @@ class NbdServer:
                     raise _Disconnect("write payload too large")
                 payload = _recv_exact(sock, length)
             elif cmd == p.CMD_DISC:
-                with contextlib.suppress(ExportError):
+                try:
                     export.flush()
+                except ExportError as exc:
+                    log.debug("flush at disconnect failed: %s", exc)
                 return
             error, data = self._dispatch(export, cmd, flags, offset, length, payload)
             sock.sendall(p.SIMPLE_REPLY.pack(p.SIMPLE_REPLY_MAGIC, error, cookie) + data)
@@ -271,3 +269,11 @@ class NbdServer:
         except ExportError as exc:
             log.debug("nbd request %d at %d+%d failed: %s", cmd, offset, length, exc)
             return exc.errno, b""
+
+
+def _quietly(what: str, fn: Callable[..., object], *args: object) -> None:
+    """Call ``fn``; an OSError is logged at debug level and otherwise ignored."""
+    try:
+        fn(*args)
+    except OSError as exc:
+        log.debug("%s: %s", what, exc)

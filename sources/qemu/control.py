@@ -9,8 +9,8 @@ full's on commit; drop the new and temporary ones on failure).
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
+import logging
 import os
 import shutil
 import tempfile
@@ -20,9 +20,11 @@ from dataclasses import dataclass
 from typing import Any
 
 from ..base import BackupContext, ChangeTracking, DiskStream, Source
-from ..errors import DiskUnreadable, SourceConfigError, SourceError
+from ..errors import DiskUnreadable, SourceConfigError, SourceError, ignored
 from . import bitmaps as bm
 from .qmp import QmpCommandError, QmpConnection
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -160,7 +162,7 @@ def end_job(conn: QmpConnection, job: str, finalize: bool, timeout: float = 60) 
     if finalize and status == "pending":
         conn.execute("job-finalize", {"id": job})
     elif status not in ("concluded", "null", "aborting"):
-        with contextlib.suppress(SourceError):
+        with ignored(log, f"cancelling job {job}", SourceError):
             conn.execute("job-cancel", {"id": job})
     deadline = time.monotonic() + timeout
     while (status := job_status(conn, job)) not in (None, "concluded", "null"):
@@ -179,12 +181,12 @@ def cleanup_leftovers(conn: QmpConnection, repository_id: str) -> list[str]:
     exports = conn.execute("query-block-exports")
     ours = [e["id"] for e in exports if str(e.get("id", "")).startswith(prefix)]
     for export_id in ours:
-        with contextlib.suppress(SourceError):
+        with ignored(log, f"removing leftover export {export_id}", SourceError):
             conn.execute("block-export-del", {"id": export_id, "mode": "hard"})
             removed.append(f"export {export_id}")
     if ours and len(ours) == len(exports):
         # The NBD server served only our exports: it was ours too.
-        with contextlib.suppress(SourceError):
+        with ignored(log, "stopping a leftover NBD server", SourceError):
             conn.execute("nbd-server-stop")
     for j in conn.execute("query-jobs"):
         if str(j.get("id", "")).startswith(prefix):
@@ -193,7 +195,7 @@ def cleanup_leftovers(conn: QmpConnection, repository_id: str) -> list[str]:
     for n in list_nodes(conn):
         name = n.get("node-name", "")
         if name.startswith(prefix):
-            with contextlib.suppress(SourceError):
+            with ignored(log, f"removing leftover node {name}", SourceError):
                 conn.execute("blockdev-del", {"node-name": name})
                 removed.append(f"node {name}")
     return removed

@@ -13,7 +13,7 @@ when the connection is lost or cannot be made (both are SourceErrors).
 from __future__ import annotations
 
 import asyncio
-import contextlib
+import logging
 import threading
 from collections.abc import Callable, Coroutine
 from concurrent.futures import TimeoutError as FutureTimeout
@@ -21,7 +21,9 @@ from typing import Any, TypeVar
 
 from qemu.qmp import ConnectError, EventListener, ExecuteError, QMPClient, QMPError, Runstate
 
-from ..errors import SourceError, SourceUnavailable
+from ..errors import SourceError, SourceUnavailable, ignored
+
+log = logging.getLogger(__name__)
 
 T = TypeVar("T")
 Event = dict[str, Any]
@@ -82,7 +84,7 @@ class QmpConnection:
         try:
             await asyncio.wait_for(client.connect(parse_address(self.address)), self.timeout)
         except TimeoutError:
-            with contextlib.suppress(Exception):
+            with ignored(log, "disconnecting after a timeout", Exception):
                 await client.disconnect()
             raise QmpDisconnected(
                 f"QMP at {self.address} did not greet within {self.timeout:.0f} s (QEMU serves "
@@ -105,13 +107,13 @@ class QmpConnection:
             await client.runstate_changed()
         events.cancel()
         for cb in list(self._subscribers):
-            with contextlib.suppress(Exception):
+            with ignored(log, "an event subscriber", Exception):
                 cb(None)
 
     async def _events(self, listener: EventListener) -> None:
         async for event in listener:
             for cb in list(self._subscribers):
-                with contextlib.suppress(Exception):
+                with ignored(log, "an event subscriber", Exception):
                     cb(dict(event))
 
     def subscribe(self, callback: Callable[[Event | None], None]) -> None:
@@ -155,7 +157,7 @@ class QmpConnection:
     def close(self) -> None:
         client = self._client
         if client is not None:
-            with contextlib.suppress(Exception):
+            with ignored(log, "closing the QMP connection", Exception):
                 self._call(client.disconnect(), 10)
         self._stop_loop()
 
@@ -163,7 +165,7 @@ class QmpConnection:
         if self._loop.is_running():
             self._loop.call_soon_threadsafe(self._loop.stop)
         self._thread.join(timeout=10)
-        with contextlib.suppress(Exception):
+        with ignored(log, "closing the QMP event loop", Exception):
             self._loop.close()
 
     def __enter__(self) -> QmpConnection:

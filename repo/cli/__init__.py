@@ -1,0 +1,14 @@
+"""The ``vmrepo`` command line.
+
+::
+
+    app               global options, the command context, errors to exit codes, main()
+    repository_cmds   init, upgrade, snapshots, show, locks, unlock
+    backup_cmds       snapshot, bitmaps
+    restore_cmds      restore
+"""
+
+from . import backup_cmds, repository_cmds, restore_cmds
+from .app import cli, main
+
+__all__ = ["backup_cmds", "cli", "main", "repository_cmds", "restore_cmds"]

@@ -1,0 +1,252 @@
+"""The command-line frame: global options, the per-command context, and errors to exit codes.
+
+Global options (``-r/--repo``, ``--config``, ``--json``, ``-v``, ``--no-lock``,
+``--progress/--no-progress``) are accepted before and after the command:
+``vmrepo -r /srv/repo init`` and ``vmrepo init -r /srv/repo`` mean the same.
+Every command prints exactly one JSON document on stdout with ``--json``.
+Errors print one line on stderr (and, with ``--json``, a JSON document on
+stdout) and exit with the code from :mod:`vmrepo.exitcodes`; only a bug
+prints a traceback.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import json
+import logging
+import os
+import signal
+import sys
+import traceback
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field, fields
+from typing import Any, NoReturn, TypeVar
+
+import click
+from vmrepo.storage.errors import StoragePermission
+
+from .. import __version__, exitcodes, logs
+from ..errors import ConfigError, Interrupted
+from ..locks import REPOSITORY, RepoLock, acquire
+from ..memtune import tune_malloc
+from ..plugins import open_backend
+from ..repository import Repository
+from ..settings import Settings, load_settings
+from ..store import Problem
+
+F = TypeVar("F", bound=Callable[..., Any])
+log = logging.getLogger("vmrepo.cli")
+
+
+@dataclass
+class Options:
+    """The global options, from before and after the command."""
+
+    repo: str | None = None
+    config: str | None = None
+    as_json: bool = False
+    verbose: int = 0
+    no_lock: bool = False
+    progress: bool | None = None
+
+    def merged(self, later: Options) -> Options:
+        """These options overridden by those given after the command."""
+        out = Options(**{f.name: getattr(self, f.name) for f in fields(self)})
+        for f in fields(self):
+            value = getattr(later, f.name)
+            if value not in (None, False, 0):
+                setattr(out, f.name, value)
+        return out
+
+
+#: The options of the command being run (for errors reported after it failed).
+_current = Options()
+
+
+def _global_options(f: F) -> F:
+    f = click.option("--progress/--no-progress", "progress", default=None,
+                     help="Show progress on a terminal (default) or never.")(f)
+    f = click.option("--no-lock", "no_lock", is_flag=True, default=False,
+                     help="Read without taking a lock (read-only commands).")(f)
+    f = click.option("-v", "--verbose", "verbose", count=True,
+                     help="Say what vmrepo does (-vv: debug).")(f)
+    f = click.option("--json", "as_json", is_flag=True, default=False,
+                     help="Print one JSON document.")(f)
+    f = click.option("--config", "config", metavar="FILE", default=None,
+                     help="Config file (TOML).")(f)
+    f = click.option("-r", "--repo", "repo", metavar="URL", default=None,
+                     envvar=None, help="Repository location (or $VMREPO_REPOSITORY).")(f)
+    return f
+
+
+_GLOBAL_KEYS = ("repo", "config", "as_json", "verbose", "no_lock", "progress")
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(__version__, prog_name="vmrepo")
+@_global_options
+@click.pass_context
+def cli(click_ctx: click.Context, /, **options: Any) -> None:
+    """Back up QEMU/KVM virtual machine disks into a deduplicating repository.
+
+    Global options may come before or after the command.
+    """
+    click_ctx.obj = Options(**options)
+
+
+@dataclass
+class Context:
+    """What a command works with: options, settings, repository access, output."""
+
+    opts: Options
+    _settings: Settings | None = None
+    problems: list[Problem] = field(default_factory=list)
+    _warned: set[str] = field(default_factory=set)
+
+    @property
+    def as_json(self) -> bool:
+        return self.opts.as_json
+
+    @property
+    def settings(self) -> Settings:
+        if self._settings is None:
+            self._settings = load_settings(self.opts.config)
+        return self._settings
+
+    def repo_url(self) -> str:
+        url = (self.opts.repo or os.environ.get("VMREPO_REPOSITORY")
+               or self.settings.repository)
+        if not url:
+            raise ConfigError("no repository given: use -r/--repo, $VMREPO_REPOSITORY or "
+                              "`repository = ...` in the config file")
+        return url
+
+    def report(self, problem: Problem) -> None:
+        self.problems.append(problem)
+        self.warn(str(problem))
+
+    def warn(self, message: str) -> None:
+        if message not in self._warned:
+            self._warned.add(message)
+            click.echo(f"vmrepo: warning: {message}", err=True)
+
+    def open_repo(self, url: str | None = None) -> Repository:
+        return Repository.open(open_backend(url or self.repo_url(),
+                                            options=self.settings.storage),
+                               report=self.report)
+
+    def show_progress(self) -> bool:
+        return not self.as_json and self.opts.progress is not False
+
+    @contextlib.contextmanager
+    def lock(self, repo: Repository, operation: str, *, scope: str = REPOSITORY,
+             exclusive: bool = False, read_only: bool = False) -> Iterator[RepoLock | None]:
+        """Hold a lock for the block; a read-only command reads without one where the
+        repository cannot be written (or with ``--no-lock``), saying so once."""
+        if read_only and self.opts.no_lock:
+            yield None
+            return
+        try:
+            held = acquire(repo.store, operation, scope=scope, exclusive=exclusive,
+                           version=min(repo.config.version, 2))
+        except StoragePermission as exc:
+            if not read_only:
+                raise
+            self.warn(f"cannot lock the repository ({exc}); reading it without a lock")
+            yield None
+            return
+        try:
+            for lk, why in held.stale:
+                self.warn(f"stale {lk.describe()}: {why}; `vmrepo unlock` removes it")
+            for bad in held.corrupt:
+                self.warn(f"{bad.describe()}; `vmrepo unlock` removes it")
+            yield held
+        finally:
+            held.release()
+
+    def emit(self, doc: dict[str, Any], human: Callable[[], None]) -> None:
+        if self.as_json:
+            if self.problems:
+                doc = {**doc, "problems": [{"key": p.key, "kind": p.kind, "message": str(p)}
+                                           for p in self.problems]}
+            click.echo(json.dumps(doc, indent=2, sort_keys=True, default=str))
+        else:
+            human()
+
+
+def command(name: str | None = None, **attrs: Any) -> Callable[[F], F]:
+    """A vmrepo command: takes the global options too, and gets a :class:`Context` first."""
+
+    def deco(f: F) -> F:
+        @functools.wraps(f)
+        def wrapper(**kwargs: Any) -> Any:
+            global _current
+            later = Options(**{k: kwargs.pop(k) for k in _GLOBAL_KEYS})
+            click_ctx = click.get_current_context()
+            parent = click_ctx.find_object(Options) or Options()
+            opts = parent.merged(later)
+            _current = opts
+            logs.setup(opts.verbose)
+            return f(Context(opts), **kwargs)
+
+        return cli.command(name, **attrs)(_global_options(wrapper))  # type: ignore[return-value]
+
+    return deco
+
+
+def _raise_interrupt(signum: int, frame: Any) -> NoReturn:
+    raise KeyboardInterrupt(signal.Signals(signum).name)
+
+
+def _fail(code: int, message: str, exc: BaseException | None = None) -> NoReturn:
+    click.echo(f"vmrepo: error: {message}", err=True)
+    if _current.as_json or "--json" in sys.argv[1:]:
+        doc: dict[str, Any] = {"error": {"message": message, "exit_code": code,
+                                         "type": type(exc).__name__ if exc else None}}
+        for attr in ("key", "path", "spec", "disk", "location", "holders", "candidates"):
+            value = getattr(exc, attr, None)
+            if value:
+                doc["error"][attr] = value
+        click.echo(json.dumps(doc, indent=2, sort_keys=True, default=str))
+    sys.exit(code)
+
+
+def main(argv: list[str] | None = None) -> NoReturn:
+    """Entry point: run the CLI and turn errors into one line and an exit code."""
+    signal.signal(signal.SIGTERM, _raise_interrupt)
+    tune_malloc()
+    logs.setup(0)
+    try:
+        cli.main(args=argv, prog_name="vmrepo", standalone_mode=False)
+    except click.exceptions.Exit as exc:
+        sys.exit(exc.exit_code)
+    except click.ClickException as exc:
+        hint = ""
+        if isinstance(exc, click.UsageError) and exc.ctx is not None:
+            hint = f" (see `{exc.ctx.command_path} --help`)"
+        _fail(exitcodes.USAGE if exc.exit_code == 2 else exc.exit_code,
+              one_line_text(exc.format_message()) + hint, exc)
+    except click.Abort as exc:
+        cause = exc.__cause__
+        name = str(cause) if isinstance(cause, KeyboardInterrupt) and str(cause) else "SIGINT"
+        _fail(exitcodes.INTERRUPTED, str(Interrupted(name)))
+    except KeyboardInterrupt as exc:
+        _fail(exitcodes.INTERRUPTED, str(Interrupted(str(exc) or "SIGINT")))
+    except BrokenPipeError:
+        sys.exit(exitcodes.FAILURE)
+    except Exception as exc:  # noqa: BLE001 - the one place errors become exit codes
+        code = exitcodes.exit_code(exc)
+        if code is None:
+            traceback.print_exc()
+            _fail(exitcodes.INTERNAL, f"internal error (a bug): {exc!r}", exc)
+        _fail(code, one_line(exc), exc)
+    sys.exit(exitcodes.OK)
+
+
+def one_line_text(text: str) -> str:
+    return " ".join(text.split())
+
+
+def one_line(exc: BaseException) -> str:
+    return one_line_text(str(exc)) or type(exc).__name__

@@ -1,0 +1,137 @@
+"""Commands that talk to VMs: snapshot and bitmaps."""
+
+from __future__ import annotations
+
+import contextlib
+import time
+from collections.abc import Callable
+from typing import Any, cast
+
+import click
+from vmrepo.sources.base import ChangeTracking, DiskStream, Source, Wanted
+
+from ..backup import SnapshotOptions, take_snapshot
+from ..errors import ConfigError
+from ..locks import vm_scope
+from ..plugins import source_class
+from ..progress import progress_bar
+from ..repository import Repository
+from ..snapshots import Snapshot
+from ..units import human_bytes, ratio
+from .app import Context, command
+
+
+@command()
+@click.argument("vm")
+@click.option("--tag", "tags", multiple=True, help="Tag the snapshot (repeatable).")
+@click.option("--full", "mode", flag_value="full", help="Read every disk in full.")
+@click.option("--differential", "mode", flag_value="differential",
+              help="Read everything changed since the last full snapshot.")
+def snapshot(ctx: Context, vm: str, tags: tuple[str, ...], mode: str | None) -> None:
+    """Take a snapshot of the disks of VM."""
+    table = ctx.settings.vm(vm)
+    source = source_class(table["source"]).from_config(vm, table)
+    r = ctx.open_repo()
+    started = time.monotonic()
+    with ctx.lock(r, f"snapshot {vm}", scope=vm_scope(vm), exclusive=True) as lock:
+        assert lock is not None
+        snap = _snapshot_with_progress(ctx, r, source, vm, tags, mode or "auto", lock.check)
+    elapsed = time.monotonic() - started
+    for d in snap.disks:
+        if d.source.get("fallback"):
+            ctx.warn(f"disk {d.name}: {d.reason}")
+    for w in snap.warnings:
+        ctx.warn(w)
+    doc = snapshot_doc(snap, elapsed)
+    ctx.emit(doc, lambda: print_snapshot_summary(snap, elapsed))
+
+
+def _snapshot_with_progress(ctx: Context, r: Repository, source: Source, vm: str,
+                            tags: tuple[str, ...], mode: str,
+                            check: Callable[[], None]) -> Snapshot:
+    """Take the snapshot with a progress bar sized once the source knows its disks."""
+    with contextlib.ExitStack() as stack:
+        bar: list[Callable[[int], None] | None] = [None]
+
+        def on_begin(disks: list[DiskStream]) -> None:
+            total = sum(d.work_bytes() for d in disks)
+            bar[0] = stack.enter_context(progress_bar(total, f"snapshot {vm}",
+                                                      ctx.show_progress()))
+
+        def progress(n: int) -> None:
+            if bar[0] is not None:
+                bar[0](n)
+
+        opts = SnapshotOptions(vm=vm, tags=tags, wanted=cast(Wanted, mode),
+                               progress=progress, on_begin=on_begin, check=check)
+        return take_snapshot(r, source, opts)
+
+
+def snapshot_doc(snap: Snapshot, elapsed: float) -> dict[str, Any]:
+    doc = snap.to_json()
+    totals: dict[str, float] = {k: sum(int(d.stats.get(k, 0)) for d in snap.disks)
+              for k in ("bytes_data", "bytes_zero", "bytes_new", "bytes_stored", "chunks",
+                        "chunks_new", "chunks_zero", "pages_new", "bytes_manifest")}
+    totals["seconds"] = round(elapsed, 3)
+    doc["totals"] = totals
+    return doc
+
+
+def print_snapshot_summary(snap: Snapshot, elapsed: float) -> None:
+    click.echo(f"snapshot {snap.short_id} of {snap.vm} taken "
+               f"{snap.time.astimezone():%Y-%m-%d %H:%M:%S}")
+    added = 0
+    read = 0
+    for d in snap.disks:
+        s = d.stats
+        added += s["bytes_stored"] + s["bytes_manifest"]
+        read += s["bytes_data"]
+        click.echo(f"  {d.name}: {d.taken} ({d.reason})")
+        click.echo(f"    read {human_bytes(s['bytes_data'])} of data, "
+                   f"{human_bytes(s['bytes_zero'])} known zero; "
+                   f"{s['chunks']} chunks, {s['chunks_zero']} zero, {s['chunks_new']} new")
+        click.echo(f"    added {human_bytes(s['bytes_stored'])} of chunks "
+                   f"({human_bytes(s['bytes_new'])} before compression), "
+                   f"{s['pages_new']} manifest pages ({human_bytes(s['bytes_manifest'])})")
+    click.echo(f"  total: read {human_bytes(read)}, added {human_bytes(added)} "
+               f"(ratio {ratio(read, added)}) in {elapsed:.1f} s")
+
+
+@command()
+@click.argument("vm")
+@click.option("--remove", is_flag=True, help="Remove this repository's bitmaps from the VM.")
+@click.option("--all-repositories", is_flag=True,
+              help="With --remove: remove the bitmaps of every repository.")
+def bitmaps(ctx: Context, vm: str, remove: bool, all_repositories: bool) -> None:
+    """List (or remove) vmrepo's dirty bitmaps on the disks of VM."""
+    table = ctx.settings.vm(vm)
+    source = source_class(table["source"]).from_config(vm, table)
+    if not isinstance(source, ChangeTracking):
+        raise ConfigError(f"vm {vm}: source {table['source']!r} keeps no dirty bitmaps")
+    r = ctx.open_repo()
+    mine = r.config.repository_id[:16]
+    try:
+        if remove:
+            with ctx.lock(r, f"bitmaps {vm}", scope=vm_scope(vm), exclusive=True):
+                rows = source.remove_bitmaps(None if all_repositories
+                                             else r.config.repository_id)
+        else:
+            rows = source.list_bitmaps()
+    finally:
+        source.close()
+    for row in rows:
+        row["this_repository"] = row.get("repository") == mine
+
+    def human() -> None:
+        if not rows:
+            click.echo("no vmrepo bitmaps" if not remove else "nothing removed")
+            return
+        verb = "removed " if remove else ""
+        for b in rows:
+            state = ",".join(k for k in ("recording", "busy", "inconsistent", "temporary")
+                             if b.get(k)) or "disabled"
+            owner = "this repository" if b["this_repository"] else "other repository"
+            click.echo(f"{verb}{b['node']:10} {b['name']}  {owner}  {state}  "
+                       f"{human_bytes(b['dirty_bytes'])} dirty")
+
+    ctx.emit({"bitmaps": rows, "removed": remove}, human)

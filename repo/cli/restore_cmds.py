@@ -1,0 +1,92 @@
+"""The restore command: raw, qcow2 and differential qcow2 images of a snapshot's disks."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import click
+
+from ..errors import RestoreError
+from ..progress import progress_bar
+from ..restore import RestoreStats, restore_differential, restore_qcow2, restore_raw
+from ..spec import parse_spec, resolve
+from ..units import human_bytes
+from .app import Context, command
+
+
+@command()
+@click.argument("spec")
+@click.option("-o", "--output", required=True, type=click.Path(path_type=Path),
+              help="Directory (one DISK.raw per disk) or, with --disk, the image file.")
+@click.option("--disk", help="Restore only this disk.")
+@click.option("--format", "fmt", type=click.Choice(["raw", "qcow2"]), default="raw",
+              show_default=True)
+@click.option("--since", help="With --format qcow2: write only what changed since VM@WHEN.")
+@click.option("--backing", help="Backing image of the differential qcow2; {disk} is replaced "
+                                "by the disk name.")
+@click.option("--force", is_flag=True, help="Replace existing output files.")
+@click.option("--workers", type=click.IntRange(1, 256), default=None,
+              help="Parallel reads (default: from the CPU count and the store).")
+def restore(ctx: Context, spec: str, output: Path, disk: str | None, fmt: str,
+            since: str | None, backing: str | None, force: bool, workers: int | None) -> None:
+    """Rebuild the disk images of a snapshot (VM@WHEN)."""
+    if since and (fmt != "qcow2" or not backing):
+        raise click.UsageError("--since needs --format qcow2 and --backing IMAGE")
+    if backing and not since:
+        raise click.UsageError("--backing goes with --since")
+    r = ctx.open_repo()
+    all_snaps = r.snapshots()
+    snap = resolve(parse_spec(spec), all_snaps)
+    old = resolve(parse_spec(since), all_snaps) if since else None
+    disks = snap.disks
+    if disk is not None:
+        chosen = snap.disk(disk)
+        if chosen is None:
+            raise RestoreError(f"snapshot {snap.short_id} has no disk {disk!r} (has: "
+                               f"{', '.join(d.name for d in snap.disks)})")
+        disks = [chosen]
+    single = disk is not None
+    if not single and not output.is_dir():
+        raise RestoreError(f"{output} is not a directory (give --disk NAME to restore one "
+                           "disk into a file)", str(output))
+    if old is not None and len(disks) > 1 and backing and "{disk}" not in backing:
+        raise click.UsageError("several disks: give --disk NAME or a --backing with {disk}")
+    started = time.monotonic()
+    results = []
+    total = sum(d.size for d in disks)
+    with ctx.lock(r, f"restore {snap.vm}", read_only=True) as lock, \
+            progress_bar(total, f"restore {snap.vm}", ctx.show_progress()) as advance:
+        check = lock.check if lock is not None else None
+        for d in disks:
+            target = output if single else output / f"{d.name}.{fmt}"
+            stats: RestoreStats
+            if old is not None:
+                since_disk = old.disk(d.name)
+                if since_disk is None:
+                    raise RestoreError(f"{since} has no disk {d.name}")
+                assert backing is not None
+                stats = restore_differential(r, d, since_disk, target,
+                                             Path(backing.replace("{disk}", d.name)),
+                                             force=force, progress=advance)
+            elif fmt == "qcow2":
+                stats = restore_qcow2(r, d, target, force=force, progress=advance,
+                                      workers=workers, check=check)
+            else:
+                stats = restore_raw(r, d, target, force=force, progress=advance,
+                                    workers=workers, check=check)
+            results.append({"disk": d.name, "path": str(target), "size": d.size,
+                            "format": fmt, "differential": old is not None,
+                            **stats.__dict__})
+    elapsed = time.monotonic() - started
+    doc = {"snapshot": snap.id, "vm": snap.vm, "since": old.id if old else None,
+           "disks": results, "seconds": round(elapsed, 3)}
+
+    def human() -> None:
+        for res in results:
+            kind = "differential " if res["differential"] else ""
+            click.echo(f"restored {res['disk']} -> {res['path']} ({kind}{res['format']}, "
+                       f"{human_bytes(res['bytes_written'])} written)")
+        click.echo(f"done in {elapsed:.1f} s")
+
+    ctx.emit(doc, human)

@@ -1,0 +1,148 @@
+"""The codecs: how every object's bytes are made and checked (docs/format.md, sections 3 and 5).
+
+Every object passes through one :class:`Codec`:
+
+* **Records** (snapshot records, index segments, locks, pack headers, ...):
+  one envelope byte, then the payload. Envelope ``0x00`` is a plain msgpack
+  map carrying ``v`` (the record version). Other envelope values are
+  reserved for authenticated encryption; a codec that meets one it cannot
+  open refuses the object.
+* **Blobs** (chunks, manifest pages, manifest roots): one encoding byte whose
+  low nibble is the compression (``0`` raw, ``1`` zstd) and whose high
+  nibble the encryption (``0`` none), then the payload.
+
+Each call names what the object is (``kind``) and, for blobs, its id: an
+authenticated cipher binds a ciphertext to exactly that, so that an object
+moved to another place or kind is refused. The plain codec checks shape,
+versions and lengths; ids are checked by the callers that know them.
+"""
+
+from __future__ import annotations
+
+import threading
+from enum import Enum
+from typing import Any
+
+import msgpack
+import zstandard
+
+from .errors import IncompatibleRepository, IntegrityError
+
+ENVELOPE_PLAIN = 0x00
+COMPRESSION_NONE = 0x0
+COMPRESSION_ZSTD = 0x1
+_MSGPACK_ERRORS = (ValueError, TypeError, msgpack.ExtraData, msgpack.FormatError,
+                   msgpack.StackError)
+
+
+class RecordKind(Enum):
+    """The kinds of records; an encrypting codec binds each record to its kind."""
+
+    CONFIG = "config"
+    SNAPSHOT = "snapshot"
+    INDEX = "index"
+    LOCK = "lock"
+    PACK_HEADER = "pack-header"
+
+
+def pack_map(fields: dict[str, Any]) -> bytes:
+    out: bytes = msgpack.packb(fields, use_bin_type=True)
+    return out
+
+
+def unpack_map(raw: bytes | memoryview, what: str) -> dict[str, Any]:
+    """A msgpack map, or IntegrityError naming ``what``."""
+    try:
+        fields = msgpack.unpackb(raw, raw=False, strict_map_key=False)
+    except _MSGPACK_ERRORS as exc:
+        raise IntegrityError(f"{what}: undecodable ({exc})", key=what) from exc
+    if not isinstance(fields, dict):
+        raise IntegrityError(f"{what}: not a map", key=what)
+    return fields
+
+
+def check_version(fields: dict[str, Any], what: str, max_version: int) -> dict[str, Any]:
+    """Refuse a record without a version or with one newer than ``max_version``."""
+    version = fields.get("v")
+    if not isinstance(version, int) or isinstance(version, bool):
+        raise IntegrityError(f"{what}: record without a version", key=what)
+    if version > max_version:
+        raise IncompatibleRepository(
+            f"{what}: record version {version} is newer than this vmrepo supports "
+            f"({max_version})", version=version)
+    return fields
+
+
+class Codec:
+    """Encodes and decodes records and blobs; safe to share between threads."""
+
+    def __init__(self, compression_level: int = 3) -> None:
+        #: zstd level, 0 for no compression.
+        self.level = compression_level
+        self._local = threading.local()
+
+    # -- records -------------------------------------------------------------
+
+    def encode_record(self, kind: RecordKind, fields: dict[str, Any]) -> bytes:
+        """A record's stored bytes; ``fields`` must carry ``v``."""
+        if "v" not in fields:
+            raise ValueError("record without version")
+        return bytes([ENVELOPE_PLAIN]) + pack_map(fields)
+
+    def decode_record(self, kind: RecordKind, raw: bytes, what: str,
+                      max_version: int) -> dict[str, Any]:
+        """A record's fields, after checking envelope, shape and version."""
+        if not raw:
+            raise IntegrityError(f"{what}: empty record", key=what)
+        if raw[0] != ENVELOPE_PLAIN:
+            raise IntegrityError(f"{what}: unknown envelope {raw[0]:#04x} (damaged, or "
+                                 "written with encryption this repository does not use)",
+                                 key=what)
+        return check_version(unpack_map(memoryview(raw)[1:], what), what, max_version)
+
+    # -- blobs ---------------------------------------------------------------
+
+    def _compressor(self) -> zstandard.ZstdCompressor:
+        c = getattr(self._local, "c", None)
+        if c is None:
+            c = self._local.c = zstandard.ZstdCompressor(level=self.level)
+        return c
+
+    def _decompressor(self) -> zstandard.ZstdDecompressor:
+        d = getattr(self._local, "d", None)
+        if d is None:
+            d = self._local.d = zstandard.ZstdDecompressor()
+        return d
+
+    def encode_blob(self, blob_id: bytes, data: bytes | bytearray | memoryview) -> bytes:
+        """A blob's stored form: zstd when it saves space, else raw."""
+        if self.level > 0:
+            packed: bytes = self._compressor().compress(data)
+            if len(packed) < len(data):
+                return bytes([COMPRESSION_ZSTD]) + packed
+        return bytes([COMPRESSION_NONE]) + bytes(data)
+
+    def decode_blob(self, blob_id: bytes, stored: bytes | memoryview, raw_length: int,
+                    what: str) -> bytes:
+        """The plaintext of a stored blob of ``raw_length`` bytes."""
+        if not len(stored):
+            raise IntegrityError(f"{what}: empty blob", key=what)
+        enc = stored[0]
+        if enc >> 4:
+            raise IntegrityError(f"{what}: encrypted blob in a repository without "
+                                 "encryption (damaged?)", key=what)
+        body = memoryview(stored)[1:]
+        if enc == COMPRESSION_NONE:
+            data = bytes(body)
+        elif enc == COMPRESSION_ZSTD:
+            try:
+                data = self._decompressor().decompress(body, max_output_size=raw_length)
+            except zstandard.ZstdError as exc:
+                raise IntegrityError(f"{what}: corrupt compressed blob ({exc})",
+                                     key=what) from exc
+        else:
+            raise IntegrityError(f"{what}: unknown blob encoding {enc:#04x}", key=what)
+        if len(data) != raw_length:
+            raise IntegrityError(f"{what}: blob is {len(data)} bytes, index says {raw_length}",
+                                 key=what)
+        return data

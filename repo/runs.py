@@ -1,0 +1,333 @@
+"""Index runs: sorted, fixed-size index entries in a local file, searched in place.
+
+The local index (:mod:`vmrepo.index`) keeps the repository's index entries
+in a few *runs*. A run is written once and never changed::
+
+    offset 0    "VMRIRUN1"                              8 bytes
+    8           u64 entry count n, u32 pack count p, u8 fanout bits k   (little-endian)
+    64          fanout: 2**k x u32, entries whose id's top k bits are <= bucket
+    ...         n entries of 49 bytes (segments.ENTRY), sorted by blob id,
+                pack numbers index the run's own pack table
+    ...         p x (pack id 32 bytes, u64 size or 2**64-1 when unknown)
+
+A lookup reads two fanout words and binary-searches one bucket of the
+memory-mapped file, so memory does not grow with the repository. Runs are
+merged by copying the largest one in blocks between the entries of the
+others, so a small run joins a large one at the cost of a file copy.
+"""
+
+from __future__ import annotations
+
+import heapq
+import logging
+import mmap
+import os
+import struct
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+from .errors import IntegrityError
+from .segments import ENTRY, ENTRY_SIZE
+
+log = logging.getLogger(__name__)
+
+MAGIC = b"VMRIRUN1"
+HEADER = struct.Struct("<8sQIB")
+HEADER_SIZE = 64
+FANOUT_WORD = struct.Struct("<I")
+PACK = struct.Struct("<32sQ")
+NO_SIZE = (1 << 64) - 1
+#: Entries read per block when streaming a run from its file.
+READ_ENTRIES = 16384
+
+Record = tuple[bytes, int, int, int, int, int]
+
+
+def fanout_bits(n: int) -> int:
+    """Buckets sized to a few dozen entries, between 2**4 and 2**16 of them."""
+    k = 4
+    while k < 16 and (n >> (k + 5)):
+        k += 1
+    return k
+
+
+@dataclass(frozen=True)
+class RunPack:
+    pack_id: bytes
+    size: int | None
+
+
+class Run:
+    """An opened run file."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self._file = open(path, "rb")  # noqa: SIM115 - held for the mapping's life
+        try:
+            self._mm = mmap.mmap(self._file.fileno(), 0, access=mmap.ACCESS_READ)
+        except ValueError:
+            self._file.close()
+            raise IntegrityError(f"index run {path.name} is empty") from None
+        magic, n, npacks, k = HEADER.unpack_from(self._mm, 0)
+        self.n: int = n
+        self.npacks: int = npacks
+        self.k: int = k
+        self._entries = HEADER_SIZE + (4 << self.k)
+        self._packs_at = self._entries + self.n * ENTRY_SIZE
+        if magic != MAGIC or len(self._mm) != self._packs_at + self.npacks * PACK.size:
+            self.close()
+            raise IntegrityError(f"index run {path.name} is damaged")
+        self._pack_ids: list[bytes] | None = None
+
+    def close(self) -> None:
+        if not self._mm.closed:
+            self._mm.close()
+        self._file.close()
+
+    # -- packs ---------------------------------------------------------------
+
+    def packs(self) -> list[RunPack]:
+        out = []
+        for i in range(self.npacks):
+            pid, size = PACK.unpack_from(self._mm, self._packs_at + i * PACK.size)
+            out.append(RunPack(pid, None if size == NO_SIZE else size))
+        return out
+
+    def pack_id(self, ref: int) -> bytes:
+        if self._pack_ids is None:
+            self._pack_ids = [p.pack_id for p in self.packs()]
+        return self._pack_ids[ref]
+
+    # -- lookups -------------------------------------------------------------
+
+    def _bucket(self, blob_id: bytes) -> tuple[int, int]:
+        b = int.from_bytes(blob_id[:2], "big") >> (16 - self.k)
+        hi = FANOUT_WORD.unpack_from(self._mm, HEADER_SIZE + 4 * b)[0]
+        lo = FANOUT_WORD.unpack_from(self._mm, HEADER_SIZE + 4 * (b - 1))[0] if b else 0
+        return lo, hi
+
+    def _lower_bound(self, blob_id: bytes, lo: int, hi: int) -> int:
+        mm, base = self._mm, self._entries
+        while lo < hi:
+            mid = (lo + hi) >> 1
+            at = base + mid * ENTRY_SIZE
+            if mm[at : at + 32] < blob_id:
+                lo = mid + 1
+            else:
+                hi = mid
+        return lo
+
+    def find(self, blob_id: bytes) -> list[Record]:
+        """Every entry of ``blob_id`` (usually one)."""
+        lo, hi = self._bucket(blob_id)
+        i = self._lower_bound(blob_id, lo, hi)
+        out = []
+        while i < hi:
+            rec: Record = ENTRY.unpack_from(self._mm, self._entries + i * ENTRY_SIZE)
+            if rec[0] != blob_id:
+                break
+            out.append(rec)
+            i += 1
+        return out
+
+    def position(self, blob_id: bytes) -> int:
+        """How many entries sort before ``blob_id``."""
+        lo, hi = self._bucket(blob_id)
+        return self._lower_bound(blob_id, lo, hi)
+
+    def records(self) -> Iterator[Record]:
+        """Every entry in order, read from the file in blocks (no mapping kept resident)."""
+        with open(self.path, "rb") as f:
+            f.seek(self._entries)
+            left = self.n * ENTRY_SIZE
+            while left:
+                block = f.read(min(left, READ_ENTRIES * ENTRY_SIZE))
+                if not block:
+                    raise IntegrityError(f"index run {self.path.name} is truncated")
+                left -= len(block)
+                yield from ENTRY.iter_unpack(block)
+
+    def raw_range(self, start: int, end: int) -> bytes:
+        """Entries ``start`` to ``end`` as stored."""
+        return self._mm[self._entries + start * ENTRY_SIZE : self._entries + end * ENTRY_SIZE]
+
+
+class RunWriter:
+    """Writes one run: entries in order, then the fanout and the pack table."""
+
+    def __init__(self, path: Path, expected: int, packs: Sequence[RunPack]) -> None:
+        self.path = path
+        self.k = fanout_bits(expected)
+        self.counts = [0] * (1 << self.k)
+        self.n = 0
+        self.packs = list(packs)
+        self._tmp = path.with_name(f".tmp-{path.name}")
+        self._f = open(self._tmp, "wb")  # noqa: SIM115 - closed in finish/abort
+        self._f.seek(HEADER_SIZE + (4 << self.k))
+        self._buf: list[bytes] = []
+        self._last = b""
+
+    def add_packed(self, data: bytes, first_id: bytes, last_id: bytes,
+                   counts: Iterable[tuple[int, int]]) -> None:
+        """Append entries already in run form; ``counts`` are (bucket, n) pairs."""
+        if first_id < self._last:
+            raise ValueError("run entries out of order")
+        self._flush()
+        self._f.write(data)
+        self.n += len(data) // ENTRY_SIZE
+        for b, c in counts:
+            self.counts[b] += c
+        self._last = last_id
+
+    def add(self, rec: Record) -> None:
+        if rec[0] < self._last:
+            raise ValueError("run entries out of order")
+        self._last = rec[0]
+        self._buf.append(ENTRY.pack(*rec))
+        self.counts[int.from_bytes(rec[0][:2], "big") >> (16 - self.k)] += 1
+        self.n += 1
+        if len(self._buf) >= 65536:
+            self._flush()
+
+    def _flush(self) -> None:
+        if self._buf:
+            self._f.write(b"".join(self._buf))
+            self._buf.clear()
+
+    def finish(self) -> Run:
+        self._flush()
+        for p in self.packs:
+            self._f.write(PACK.pack(p.pack_id, NO_SIZE if p.size is None else p.size))
+        total = 0
+        fanout = []
+        for c in self.counts:
+            total += c
+            fanout.append(total)
+        self._f.seek(0)
+        self._f.write(HEADER.pack(MAGIC, self.n, len(self.packs), self.k).ljust(HEADER_SIZE,
+                                                                              b"\0"))
+        self._f.write(struct.pack(f"<{len(fanout)}I", *fanout))
+        self._f.flush()
+        os.fsync(self._f.fileno())
+        self._f.close()
+        os.replace(self._tmp, self.path)
+        return Run(self.path)
+
+    def abort(self) -> None:
+        self._f.close()
+        try:
+            os.unlink(self._tmp)
+        except OSError as exc:
+            log.debug("cannot remove %s: %s", self._tmp, exc)
+
+
+@dataclass
+class Source:
+    """Sorted entries to merge: records whose pack numbers index ``packs``."""
+
+    packs: Sequence[RunPack]
+    records: Callable[[], Iterator[Record]]
+    count: int
+
+
+def _remapped(src: Source, refs: list[int]) -> Iterator[Record]:
+    for bid, ref, off, length, raw, btype in src.records():
+        yield bid, refs[ref], off, length, raw, btype
+
+
+def write_run(path: Path, sources: Sequence[Source], base: Run | None = None) -> Run:
+    """Merge ``sources`` (and, copied in blocks, the run ``base``) into a new run at ``path``.
+
+    Duplicate pack ids get one number; identical entries are kept once.
+    """
+    table: dict[bytes, int] = {}
+    packs: list[RunPack] = []
+
+    def number(p: RunPack) -> int:
+        ref = table.get(p.pack_id)
+        if ref is None:
+            ref = table[p.pack_id] = len(packs)
+            packs.append(p)
+        elif packs[ref].size is None and p.size is not None:
+            packs[ref] = p
+        return ref
+
+    if base is not None:
+        for p in base.packs():
+            number(p)
+    maps = [[number(p) for p in src.packs] for src in sources]
+    expected = sum(s.count for s in sources) + (base.n if base is not None else 0)
+    writer = RunWriter(path, expected, packs)
+    try:
+        merged = heapq.merge(*(_remapped(s, m) for s, m in zip(sources, maps, strict=True)))
+        if base is None:
+            _write_unique(writer, merged)
+        else:
+            _merge_into_base(writer, base, merged)
+        return writer.finish()
+    except BaseException:
+        writer.abort()
+        raise
+
+
+def _write_unique(writer: RunWriter, records: Iterable[Record]) -> None:
+    last: Record | None = None
+    for rec in records:
+        if rec != last:
+            writer.add(rec)
+            last = rec
+
+
+def _merge_into_base(writer: RunWriter, base: Run, records: Iterable[Record]) -> None:
+    """Copy ``base`` in blocks, inserting ``records`` where they belong."""
+    pos = 0
+    shift = 16 - writer.k
+    last: Record | None = None
+    for rec in records:
+        if rec == last:
+            continue
+        last = rec
+        at = max(pos, base.position(rec[0]))
+        while at < base.n and (cur := ENTRY.unpack_from(base.raw_range(at, at + 1)))[0] == \
+                rec[0] and cur < rec:
+            at += 1  # keep equal ids in record order
+        if at > pos:
+            _copy_block(writer, base, pos, at, shift)
+            pos = at
+        if pos < base.n and ENTRY.unpack_from(base.raw_range(pos, pos + 1)) == rec:
+            continue  # already in the base
+        writer.add(rec)
+    if pos < base.n:
+        _copy_block(writer, base, pos, base.n, shift)
+
+
+def _copy_block(writer: RunWriter, base: Run, start: int, end: int, shift: int) -> None:
+    step = 1 << 16
+    for s in range(start, end, step):
+        e = min(end, s + step)
+        data = base.raw_range(s, e)
+        first = data[:32]
+        last = data[(e - s - 1) * ENTRY_SIZE : (e - s - 1) * ENTRY_SIZE + 32]
+        counts: dict[int, int] = {}
+        # Bucket counts from the block's ids: walk bucket boundaries, not every entry.
+        i = 0
+        n = e - s
+        while i < n:
+            b = int.from_bytes(data[i * ENTRY_SIZE : i * ENTRY_SIZE + 2], "big") >> shift
+            j = _bucket_end(data, i, n, b, shift)
+            counts[b] = counts.get(b, 0) + (j - i)
+            i = j
+        writer.add_packed(data, first, last, counts.items())
+
+
+def _bucket_end(data: bytes, i: int, n: int, b: int, shift: int) -> int:
+    """First index at or after ``i`` whose bucket is beyond ``b`` (binary search)."""
+    lo, hi = i, n
+    while lo < hi:
+        mid = (lo + hi) >> 1
+        if int.from_bytes(data[mid * ENTRY_SIZE : mid * ENTRY_SIZE + 2], "big") >> shift <= b:
+            lo = mid + 1
+        else:
+            hi = mid
+    return lo

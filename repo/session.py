@@ -1,0 +1,208 @@
+"""A write session: new blobs go into packs and become visible through durable index segments.
+
+Thread-safe. Workers call :meth:`WriteSession.add` with plaintext blobs; a
+blob the index or this session already has is dropped, a new one is encoded
+(outside any lock), appended to the open pack, and the pack is sealed once
+it reaches the configured size. Sealed packs are stored by one background
+thread, so encoding goes on while a pack is written; at most ``max_queued``
+sealed packs wait, which bounds memory.
+
+Visibility (docs/format.md, write ordering): a blob of this session is known
+only to this session until the index segment naming its pack is durable;
+then it is published to the repository's index. The uploader writes such a
+segment every ``flush_packs`` packs or ``flush_seconds`` seconds, so a
+snapshot killed half-way leaves its packs indexed and the next run reuses
+them. :meth:`commit` stores the last pack and the last segment.
+:meth:`abort` stops the uploader; packs already stored are indexed by a
+last segment (best effort) but not published in this process, so a failed
+session leaves the in-memory index as it found it.
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+from .format import BlobType, index_key
+from .pack import BlobEntry, PackBuilder
+from .segments import Segment, encode_packed, pack_entries
+
+if TYPE_CHECKING:
+    from .repository import Repository
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class SessionStats:
+    """What a session added to the repository."""
+
+    blobs_new: int = 0
+    raw_bytes_new: int = 0
+    stored_bytes_new: int = 0
+    packs: int = 0
+    pack_bytes: int = 0
+    segments: int = 0
+
+
+class WriteSession:
+    """One writer's session against a repository."""
+
+    def __init__(self, repo: Repository, *, flush_packs: int = 8, flush_seconds: float = 30.0,
+                 max_queued: int = 1, check: Callable[[], None] | None = None) -> None:
+        self.repo = repo
+        self.store = repo.store
+        self.index = repo.index
+        self.pack_size = repo.config.pack_size
+        self.flush_packs = flush_packs
+        self.flush_seconds = flush_seconds
+        self.check = check
+        self.stats = SessionStats()
+        self.segment_keys: list[str] = []
+        self._lock = threading.Lock()
+        #: Blobs of this session not yet in a published segment.
+        self._pending: set[bytes] = set()
+        self._builder = PackBuilder()
+        #: Packs stored but not yet named by a durable segment: (id, size, entries).
+        self._unindexed: list[tuple[bytes, int, list[BlobEntry]]] = []
+        self._last_flush = time.monotonic()
+        self._queue: queue.Queue[PackBuilder | None] = queue.Queue(max_queued)
+        self._error: BaseException | None = None
+        self._uploader: threading.Thread | None = None
+        self._closed = False
+
+    def known(self, blob_id: bytes) -> bool:
+        """Whether the blob is usable in the index or already on its way into a pack."""
+        with self._lock:
+            if blob_id in self._pending:
+                return True
+        return blob_id in self.index
+
+    def add(self, blob_id: bytes, btype: BlobType, data: bytes | bytearray) -> int:
+        """Store ``data`` unless known; return the stored bytes it added (0 if deduplicated)."""
+        self._raise_upload_error()
+        if self.check is not None:
+            self.check()
+        if self.known(blob_id):
+            return 0
+        with self._lock:
+            if blob_id in self._pending:
+                return 0
+            self._pending.add(blob_id)
+        stored = self.store.codec.encode_blob(blob_id, data)
+        full: PackBuilder | None = None
+        with self._lock:
+            self._builder.add(blob_id, btype, stored, len(data))
+            self.stats.blobs_new += 1
+            self.stats.raw_bytes_new += len(data)
+            self.stats.stored_bytes_new += len(stored)
+            if self._builder.size >= self.pack_size:
+                full, self._builder = self._builder, PackBuilder()
+        if full is not None:
+            self._enqueue(full)
+        return len(stored)
+
+    # -- the uploader --------------------------------------------------------
+
+    def _raise_upload_error(self) -> None:
+        if self._error is not None:
+            raise self._error
+
+    def _enqueue(self, builder: PackBuilder) -> None:
+        with self._lock:
+            if self._uploader is None:
+                self._uploader = threading.Thread(target=self._upload_loop,
+                                                  name="vmrepo-packs", daemon=True)
+                self._uploader.start()
+        while True:
+            self._raise_upload_error()
+            try:
+                self._queue.put(builder, timeout=0.5)
+                return
+            except queue.Full:
+                continue
+
+    def _upload_loop(self) -> None:
+        while (builder := self._queue.get()) is not None:
+            if self._error is None:
+                try:
+                    self._store(builder)
+                    if (len(self._unindexed) >= self.flush_packs
+                            or time.monotonic() - self._last_flush >= self.flush_seconds):
+                        self._flush(publish=True)
+                except BaseException as exc:  # noqa: BLE001 - re-raised in the caller's thread
+                    self._error = exc
+
+    def _store(self, builder: PackBuilder) -> None:
+        entries = list(builder.entries)
+        pack_id, parts = builder.seal(self.store.hasher, self.store.codec)
+        self.store.put_pack(pack_id, parts)
+        size = sum(len(p) for p in parts)
+        self.repo.note_pack(pack_id, size)
+        with self._lock:
+            self._unindexed.append((pack_id, size, entries))
+            self.stats.packs += 1
+            self.stats.pack_bytes += size
+
+    def _flush(self, publish: bool) -> None:
+        """Write a segment naming the stored packs; publish it to the index if asked."""
+        with self._lock:
+            packs, self._unindexed = self._unindexed, []
+        self._last_flush = time.monotonic()
+        if not packs:
+            return
+        ids, sizes, entries = pack_entries(packs)
+        key, raw = encode_packed(self.store.codec, self.store.hasher, ids, sizes, entries)
+        self.store.put_segment(key, raw)
+        self.segment_keys.append(key)
+        self.stats.segments += 1
+        if publish:
+            seg_id = bytes.fromhex(key[len(index_key(b"")):])
+            self.index.publish(seg_id, Segment(ids, list(sizes), entries))
+            with self._lock:
+                self._pending.difference_update(e.id for _, _, es in packs for e in es)
+
+    def _stop_uploader(self) -> None:
+        if self._uploader is not None:
+            self._queue.put(None)
+            self._uploader.join()
+            self._uploader = None
+
+    # -- ending --------------------------------------------------------------
+
+    def commit(self) -> list[str]:
+        """Store the open pack and a segment for what is left; return every segment key."""
+        with self._lock:
+            last, self._builder = self._builder, PackBuilder()
+        if len(last):
+            self._enqueue(last)
+        self._stop_uploader()
+        self._raise_upload_error()
+        self._flush(publish=True)
+        self._closed = True
+        return list(self.segment_keys)
+
+    def abort(self) -> None:
+        """Stop after a failure: index what was stored (durably, best effort), publish nothing."""
+        if self._closed:
+            return
+        self._closed = True
+        if self._uploader is not None:
+            self._error = self._error or RuntimeError("session aborted")
+            while True:
+                try:
+                    self._queue.get_nowait()
+                except queue.Empty:
+                    break
+            self._queue.put(None)
+            self._uploader.join()
+            self._uploader = None
+        try:
+            self._flush(publish=False)
+        except Exception as exc:  # noqa: BLE001 - the session failed already; keep its error
+            log.debug("could not index the packs of the failed session: %s", exc)
