@@ -31,6 +31,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import msgpack
+from vmrepo.storage.base import ObjectInfo
 from vmrepo.storage.errors import ObjectNotFound
 
 from .errors import IntegrityError
@@ -46,7 +47,7 @@ SPILL_ENTRIES = 50_000
 #: More runs than this are merged regardless of their sizes.
 MAX_RUNS = 10
 #: Segment bytes loaded at once while rebuilding (bounds memory).
-GROUP_BYTES = 64 << 20
+GROUP_BYTES = 32 << 20
 STATE_VERSION = 1
 
 
@@ -242,7 +243,7 @@ class Index:
                     superseded |= set(seg.supersedes)
             if (covered - present) or (covered & superseded) or not self._runs_exist(state):
                 log.info("rebuilding the local index (%d segments)", len(present))
-                state = self._rebuild(store, present)
+                state = self._rebuild(store, listing)
                 fresh = {}
             else:
                 state.superseded = superseded & present
@@ -264,6 +265,8 @@ class Index:
         for sid, seg in sorted(fresh.items()):
             self.publish(sid, seg)
         self.synced = True
+        log.info("index: %d entries from %d segments (%d runs on disk, %d entries in memory)",
+                 len(self), len(self._covered), len(self._runs), self._mem_count)
 
     def _load(self, store: RepoStore, sid: bytes) -> Segment | None:
         key = index_key(sid)
@@ -275,33 +278,49 @@ class Index:
             log.debug("%s vanished while the index was read", key)
         return None
 
-    def _rebuild(self, store: RepoStore, present: set[bytes]) -> _State:
+    def _rebuild(self, store: RepoStore, listing: list[ObjectInfo]) -> _State:
         """New runs from every current segment, loaded a bounded group at a time."""
         superseded: set[bytes] = set()
-        groups: list[list[bytes]] = [[]]
-        sizes: dict[bytes, int] = {}
-        for sid in sorted(present):
+        state = _State()
+        group: list[tuple[bytes, Segment]] = []
+        size = 0
+
+        def flush() -> None:
+            nonlocal size
+            if group:
+                run = write_run(self._new_run_path(), [_source(seg, sid) for sid, seg in group])
+                state.runs.append(_RunState(run.path.name, {sid for sid, _ in group}, run.n))
+                run.close()
+                group.clear()
+                size = 0
+
+        for info in sorted(listing, key=lambda i: i.key):
+            sid = bytes.fromhex(info.key[len(INDEX_PREFIX):])
             seg = self._load(store, sid)
             if seg is None:
                 continue
             superseded |= set(seg.supersedes)
-            sizes[sid] = len(seg.entries)
-            if groups[-1] and sum(sizes[g] for g in groups[-1]) + sizes[sid] > GROUP_BYTES:
-                groups.append([])
-            groups[-1].append(sid)
-        state = _State(superseded=superseded & present)
-        for group in groups:
-            ids = [sid for sid in group if sid not in superseded]
-            if not ids:
-                continue
-            sources = []
-            for sid in ids:
-                seg = self._load(store, sid)
-                if seg is not None:
-                    sources.append(_source(seg, sid))
-            run = write_run(self._new_run_path(), sources)
-            state.runs.append(_RunState(run.path.name, set(ids), run.n))
-        return self._compact(state)
+            if group and size + info.size > GROUP_BYTES:
+                flush()
+            group.append((sid, seg))
+            size += info.size
+        flush()
+        present = {bytes.fromhex(i.key[len(INDEX_PREFIX):]) for i in listing}
+        if state.covered & superseded:
+            # A merge's leftovers were included: build again without them (rare).
+            return self._rebuild(store, [i for i in listing if bytes.fromhex(
+                i.key[len(INDEX_PREFIX):]) not in superseded])
+        state.superseded = superseded & present
+        if len(state.runs) > 1:  # one k-way merge, not a cascade of pairwise ones
+            runs = [Run(self.directory / r.file) for r in state.runs]
+            try:
+                merged = write_run(self._new_run_path(), [_run_source(r) for r in runs])
+            finally:
+                for r in runs:
+                    r.close()
+            state.runs = [_RunState(merged.path.name, state.covered, merged.n)]
+            merged.close()
+        return state
 
     def _compact(self, state: _State) -> _State:
         """Merge the newest runs while they are comparable in size (or too many)."""

@@ -10,19 +10,23 @@ in a few *runs*. A run is written once and never changed::
                 pack numbers index the run's own pack table
     ...         p x (pack id 32 bytes, u64 size or 2**64-1 when unknown)
 
-A lookup reads two fanout words and binary-searches one bucket of the
-memory-mapped file, so memory does not grow with the repository. Runs are
-merged by copying the largest one in blocks between the entries of the
-others, so a small run joins a large one at the cost of a file copy.
+The fanout table is read into memory (at most 256 KiB); a lookup reads one
+bucket (a few dozen entries) with ``pread`` and searches it, so memory does
+not grow with the repository (a memory map would: every lookup's page fault
+maps its neighbours too, and a process that searched a large run ends up
+holding most of it). Runs are merged by copying the largest one in blocks
+between the entries of the others, so a small run joins a large one at the
+cost of a file copy.
 """
 
 from __future__ import annotations
 
+import array
 import heapq
 import logging
-import mmap
 import os
 import struct
+import sys
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -35,9 +39,10 @@ log = logging.getLogger(__name__)
 MAGIC = b"VMRIRUN1"
 HEADER = struct.Struct("<8sQIB")
 HEADER_SIZE = 64
-FANOUT_WORD = struct.Struct("<I")
 PACK = struct.Struct("<32sQ")
 NO_SIZE = (1 << 64) - 1
+#: A base run is copied in blocks when it is this many times larger than what joins it.
+BLOCK_COPY_RATIO = 16
 #: Entries read per block when streaming a run from its file.
 READ_ENTRIES = 16384
 
@@ -59,40 +64,44 @@ class RunPack:
 
 
 class Run:
-    """An opened run file."""
+    """An opened run file; thread-safe (positional reads only)."""
 
     def __init__(self, path: Path) -> None:
         self.path = path
-        self._file = open(path, "rb")  # noqa: SIM115 - held for the mapping's life
+        self._fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
         try:
-            self._mm = mmap.mmap(self._file.fileno(), 0, access=mmap.ACCESS_READ)
-        except ValueError:
-            self._file.close()
-            raise IntegrityError(f"index run {path.name} is empty") from None
-        magic, n, npacks, k = HEADER.unpack_from(self._mm, 0)
-        self.n: int = n
-        self.npacks: int = npacks
-        self.k: int = k
-        self._entries = HEADER_SIZE + (4 << self.k)
-        self._packs_at = self._entries + self.n * ENTRY_SIZE
-        if magic != MAGIC or len(self._mm) != self._packs_at + self.npacks * PACK.size:
-            self.close()
-            raise IntegrityError(f"index run {path.name} is damaged")
+            size = os.fstat(self._fd).st_size
+            head = os.pread(self._fd, HEADER.size, 0)
+            if len(head) != HEADER.size:
+                raise IntegrityError(f"index run {path.name} is damaged")
+            magic, n, npacks, k = HEADER.unpack(head)
+            self.n: int = n
+            self.npacks: int = npacks
+            self.k: int = k
+            self._entries = HEADER_SIZE + (4 << self.k)
+            self._packs_at = self._entries + self.n * ENTRY_SIZE
+            if magic != MAGIC or size != self._packs_at + self.npacks * PACK.size:
+                raise IntegrityError(f"index run {path.name} is damaged")
+            fanout = array.array("I", os.pread(self._fd, 4 << self.k, HEADER_SIZE))
+            if sys.byteorder != "little":
+                fanout.byteswap()
+            self._fanout = fanout
+        except BaseException:
+            os.close(self._fd)
+            raise
         self._pack_ids: list[bytes] | None = None
 
     def close(self) -> None:
-        if not self._mm.closed:
-            self._mm.close()
-        self._file.close()
+        if self._fd >= 0:
+            os.close(self._fd)
+            self._fd = -1
 
     # -- packs ---------------------------------------------------------------
 
     def packs(self) -> list[RunPack]:
-        out = []
-        for i in range(self.npacks):
-            pid, size = PACK.unpack_from(self._mm, self._packs_at + i * PACK.size)
-            out.append(RunPack(pid, None if size == NO_SIZE else size))
-        return out
+        raw = os.pread(self._fd, self.npacks * PACK.size, self._packs_at)
+        return [RunPack(pid, None if size == NO_SIZE else size)
+                for pid, size in PACK.iter_unpack(raw)]
 
     def pack_id(self, ref: int) -> bytes:
         if self._pack_ids is None:
@@ -103,28 +112,18 @@ class Run:
 
     def _bucket(self, blob_id: bytes) -> tuple[int, int]:
         b = int.from_bytes(blob_id[:2], "big") >> (16 - self.k)
-        hi = FANOUT_WORD.unpack_from(self._mm, HEADER_SIZE + 4 * b)[0]
-        lo = FANOUT_WORD.unpack_from(self._mm, HEADER_SIZE + 4 * (b - 1))[0] if b else 0
-        return lo, hi
-
-    def _lower_bound(self, blob_id: bytes, lo: int, hi: int) -> int:
-        mm, base = self._mm, self._entries
-        while lo < hi:
-            mid = (lo + hi) >> 1
-            at = base + mid * ENTRY_SIZE
-            if mm[at : at + 32] < blob_id:
-                lo = mid + 1
-            else:
-                hi = mid
-        return lo
+        return (self._fanout[b - 1] if b else 0), self._fanout[b]
 
     def find(self, blob_id: bytes) -> list[Record]:
         """Every entry of ``blob_id`` (usually one)."""
         lo, hi = self._bucket(blob_id)
-        i = self._lower_bound(blob_id, lo, hi)
+        if lo == hi:
+            return []
+        bucket = os.pread(self._fd, (hi - lo) * ENTRY_SIZE, self._entries + lo * ENTRY_SIZE)
+        i = _lower_bound(bucket, blob_id, 0, hi - lo)
         out = []
-        while i < hi:
-            rec: Record = ENTRY.unpack_from(self._mm, self._entries + i * ENTRY_SIZE)
+        while i < hi - lo:
+            rec: Record = ENTRY.unpack_from(bucket, i * ENTRY_SIZE)
             if rec[0] != blob_id:
                 break
             out.append(rec)
@@ -134,23 +133,35 @@ class Run:
     def position(self, blob_id: bytes) -> int:
         """How many entries sort before ``blob_id``."""
         lo, hi = self._bucket(blob_id)
-        return self._lower_bound(blob_id, lo, hi)
+        if lo == hi:
+            return lo
+        bucket = os.pread(self._fd, (hi - lo) * ENTRY_SIZE, self._entries + lo * ENTRY_SIZE)
+        return lo + _lower_bound(bucket, blob_id, 0, hi - lo)
 
     def records(self) -> Iterator[Record]:
-        """Every entry in order, read from the file in blocks (no mapping kept resident)."""
-        with open(self.path, "rb") as f:
-            f.seek(self._entries)
-            left = self.n * ENTRY_SIZE
-            while left:
-                block = f.read(min(left, READ_ENTRIES * ENTRY_SIZE))
-                if not block:
-                    raise IntegrityError(f"index run {self.path.name} is truncated")
-                left -= len(block)
-                yield from ENTRY.iter_unpack(block)
+        """Every entry in order, read in blocks."""
+        for start in range(0, self.n, READ_ENTRIES):
+            yield from ENTRY.iter_unpack(self.raw_range(start, min(self.n, start +
+                                                                   READ_ENTRIES)))
 
     def raw_range(self, start: int, end: int) -> bytes:
         """Entries ``start`` to ``end`` as stored."""
-        return self._mm[self._entries + start * ENTRY_SIZE : self._entries + end * ENTRY_SIZE]
+        want = (end - start) * ENTRY_SIZE
+        data = os.pread(self._fd, want, self._entries + start * ENTRY_SIZE)
+        if len(data) != want:
+            raise IntegrityError(f"index run {self.path.name} is truncated")
+        return data
+
+
+def _lower_bound(data: bytes, blob_id: bytes, lo: int, hi: int) -> int:
+    while lo < hi:
+        mid = (lo + hi) >> 1
+        at = mid * ENTRY_SIZE
+        if data[at : at + 32] < blob_id:
+            lo = mid + 1
+        else:
+            hi = mid
+    return lo
 
 
 class RunWriter:
@@ -253,6 +264,10 @@ def write_run(path: Path, sources: Sequence[Source], base: Run | None = None) ->
             packs[ref] = p
         return ref
 
+    if base is not None and sum(s.count for s in sources) * BLOCK_COPY_RATIO > base.n:
+        # Comparable sizes: a plain merge is cheaper than a lookup per inserted entry.
+        sources = [*sources, Source(base.packs(), base.records, base.n)]
+        base = None
     if base is not None:
         for p in base.packs():
             number(p)
