@@ -3,15 +3,18 @@
 vmrepo's modules log through :mod:`logging` under the ``vmrepo`` logger;
 every exception they deliberately suppress leaves a debug line. Without
 ``-v`` only warnings are shown, as ``vmrepo: warning: ...`` lines.
+The helper :func:`ignored` (shared with the sources) suppresses an expected
+error and leaves that debug line.
 """
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import os
 import sys
-from collections.abc import Iterator, Mapping
+from collections.abc import Mapping
+
+from vmrepo.sources.errors import ignored
 
 LEVELS = {"debug": logging.DEBUG, "info": logging.INFO, "warning": logging.WARNING,
           "error": logging.ERROR}
@@ -47,10 +50,4 @@ def setup(verbose: int, env: Mapping[str, str] = os.environ) -> None:
         logger.propagate = False
 
 
-@contextlib.contextmanager
-def ignored(log: logging.Logger, what: str, *errors: type[BaseException]) -> Iterator[None]:
-    """Suppress ``errors`` in the block, leaving a debug line that says what was ignored."""
-    try:
-        yield
-    except errors as exc:
-        log.debug("%s: ignored %s: %s", what, type(exc).__name__, exc)
+__all__ = ["LEVELS", "ignored", "level_for", "setup"]

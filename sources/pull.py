@@ -43,21 +43,12 @@ from .nbdread import (
 from .qemu.bitmaps import Plan
 from .qemu.control import QemuSource, VmDisk, bitmap_count, end_job
 from .qemu.qmp import QmpConnection
+from .units import parse_size
 
 log = logging.getLogger(__name__)
 
 DEFAULT_RESERVE = 1 << 30
 WATCH_EVERY = 0.2
-
-
-def parse_bytes(text: object, what: str) -> int:
-    units = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
-    s = str(text).strip().upper().removesuffix("IB").removesuffix("B")
-    unit = s[-1:] if s[-1:] in units else ""
-    try:
-        return int(s[: len(s) - len(unit)]) * units[unit]
-    except ValueError:
-        raise SourceConfigError(f"{what}: not a size: {text!r}") from None
 
 
 @dataclass
@@ -154,8 +145,11 @@ class FleecingSource(QemuSource):
         scratch = settings.get("scratch")
         if scratch is not None and not isinstance(scratch, str):
             raise SourceConfigError(f"vm {vm}: scratch must be a directory path")
-        reserve = parse_bytes(settings.get("fleece_reserve", DEFAULT_RESERVE),
-                              f"vm {vm}: fleece_reserve")
+        try:
+            reserve = parse_size(settings.get("fleece_reserve", DEFAULT_RESERVE))
+        except ValueError:
+            raise SourceConfigError(f"vm {vm}: fleece_reserve: not a size: "
+                                    f"{settings.get('fleece_reserve')!r}") from None
         return cls(vm, sock, disks, timeout, scratch, reserve)
 
     def begin(self, context: BackupContext) -> list[DiskStream]:

@@ -15,7 +15,7 @@ import errno
 import logging
 import os
 import secrets
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -130,31 +130,30 @@ class LocalBackend(Backend):
         return tmp
 
     def put(self, key: str, data: Payload) -> None:
-        path = self._path(key)
-        tmp: Path | None = None
-        try:
-            tmp = self._write_temp(path, data)
-            os.rename(tmp, path)
-            tmp = None
-            _fsync_dir(path.parent)
-        except OSError as exc:
-            raise _translate(exc, key, f"cannot write {key}") from exc
-        finally:
-            if tmp is not None:
-                _unlink_quietly(tmp)
+        self._store(key, data, os.rename, "write")
 
     def create(self, key: str, data: Payload) -> None:
-        path = self._path(key)
-        tmp: Path | None = None
-        try:
-            tmp = self._write_temp(path, data)
+        def link(tmp: Path, path: Path) -> None:
             try:
                 os.link(tmp, path)  # atomic: fails if the name exists
             except FileExistsError:
                 raise ObjectExists(f"{key} exists", key=key) from None
+
+        self._store(key, data, link, "create")
+
+    def _store(self, key: str, data: Payload, place: Callable[[Path, Path], None],
+               verb: str) -> None:
+        """Write ``data`` to a temporary file, ``place`` it under the key, sync the directory."""
+        path = self._path(key)
+        tmp: Path | None = None
+        try:
+            tmp = self._write_temp(path, data)
+            place(tmp, path)
+            if place is os.rename:
+                tmp = None
             _fsync_dir(path.parent)
         except OSError as exc:
-            raise _translate(exc, key, f"cannot create {key}") from exc
+            raise _translate(exc, key, f"cannot {verb} {key}") from exc
         finally:
             if tmp is not None:
                 _unlink_quietly(tmp)

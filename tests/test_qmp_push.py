@@ -177,7 +177,7 @@ def test_fallbacks_are_per_disk_with_reasons(vm: QemuVM) -> None:
     assert_clean(vm)
     # resized
     vm.cmd("block_resize", {"node-name": "disk1", "size": 48 * MiB})
-    doc = expect("resized from 32.0 MiB to 48.0 MiB")
+    doc = expect("resized from 32.00 MiB to 48.00 MiB")
     assert disk(doc, "disk1")["size"] == 48 * MiB
     # busy: exported with its bitmap by someone else
     vm.cmd("nbd-server-start", {"addr": {"type": "unix",

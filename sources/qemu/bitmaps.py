@@ -25,6 +25,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from ..base import Mode, PriorSnapshot, Wanted
+from ..units import human_bytes
 
 PREFIX = "vmrepo-"
 _NAME_RE = re.compile(r"vmrepo-([0-9a-f]{16})-(tmp-)?([0-9a-f]{32})")
@@ -94,10 +95,6 @@ def _mine(bitmaps: Iterable[BitmapInfo], repository_id: str) -> list[tuple[Bitma
     return out
 
 
-def _human(n: int) -> str:
-    return f"{n} bytes" if n < 1 << 20 else f"{n / (1 << 20):.1f} MiB"
-
-
 def plan_disk(*, size: int, bitmaps: Sequence[BitmapInfo], repository_id: str, chunk_size: int,
               history: Sequence[PriorSnapshot], wanted: Wanted) -> Plan:
     """Decide between a full read and a read of changes for one disk."""
@@ -119,7 +116,7 @@ def plan_disk(*, size: int, bitmaps: Sequence[BitmapInfo], repository_id: str, c
         return Plan("full", f"full instead of {kind}: {why}", fallback=True)
 
     if base.size != size:
-        return fall(f"disk resized from {_human(base.size)} to {_human(size)}")
+        return fall(f"disk resized from {human_bytes(base.size)} to {human_bytes(size)}")
     name = bitmap_name(repository_id, base.snapshot_id)
     found = next((b for b in bitmaps if b.name == name), None)
     if found is None:
@@ -148,7 +145,7 @@ def plan_disk(*, size: int, bitmaps: Sequence[BitmapInfo], repository_id: str, c
         return fall(f"bitmap {name} has granularity {found.granularity}, the repository's "
                     f"chunk size is {chunk_size}")
     return Plan("changes", f"changes since snapshot {base.snapshot_id[:8]} "
-                f"({_human(found.count)} dirty)", name, base.snapshot_id)
+                f"({human_bytes(found.count)} dirty)", name, base.snapshot_id)
 
 
 def stale_bitmaps(bitmaps: Sequence[BitmapInfo], repository_id: str,
