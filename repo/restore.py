@@ -27,6 +27,7 @@ from .manifest import Manifest, iter_chunks, split_page
 from .planner import ReadPlanner
 from .repository import Repository
 from .snapshots import DiskRecord
+from .writeback import Writeback
 
 log = logging.getLogger(__name__)
 
@@ -77,7 +78,8 @@ def _run(cmd: list[str], what: str) -> str:
 def write_chunks(repo: Repository, manifest: Manifest, fd: int,
                  chunks: Iterator[tuple[int, bytes]], stats: RestoreStats,
                  progress: Progress | None, workers: int | None = None,
-                 check: Callable[[], None] | None = None) -> None:
+                 check: Callable[[], None] | None = None,
+                 writeback: Writeback | None = None) -> None:
     """Write the data chunks at their offsets through the read planner; zero chunks stay
     holes of the sparse file."""
     lock = threading.Lock()
@@ -87,6 +89,8 @@ def write_chunks(repo: Repository, manifest: Manifest, fd: int,
         if len(data) != length:
             raise IntegrityError(f"chunk {index} is {len(data)} bytes, expected {length}")
         os.pwrite(fd, data, index * manifest.chunk_size)
+        if writeback is not None:
+            writeback.written(length)
         with lock:
             stats.bytes_written += length
             if progress:
@@ -109,18 +113,24 @@ def write_chunks(repo: Repository, manifest: Manifest, fd: int,
 
 def restore_raw(repo: Repository, disk: DiskRecord, out: Path, *, force: bool = False,
                 progress: Progress | None = None, workers: int | None = None,
-                check: Callable[[], None] | None = None) -> RestoreStats:
-    """Write ``disk`` as a sparse raw image at ``out``."""
+                check: Callable[[], None] | None = None, sync: bool = True) -> RestoreStats:
+    """Write ``disk`` as a sparse raw image at ``out``; with ``sync`` it is durable before
+    it gets its name."""
     manifest = repo.manifest(disk.root)
     stats = RestoreStats()
     with _atomic_output(out, force) as tmp:
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        writeback = Writeback(fd) if sync else None
         try:
             os.ftruncate(fd, manifest.size)
             chunks = iter_chunks(manifest, lambda n: repo.page(manifest, n))
-            write_chunks(repo, manifest, fd, chunks, stats, progress, workers, check)
-            os.fsync(fd)
+            write_chunks(repo, manifest, fd, chunks, stats, progress, workers, check,
+                         writeback)
+            if writeback is not None:
+                writeback.finish()
         finally:
+            if writeback is not None:
+                writeback.close()
             os.close(fd)
     return stats
 

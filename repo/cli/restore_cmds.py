@@ -28,8 +28,12 @@ from .app import Context, command
 @click.option("--force", is_flag=True, help="Replace existing output files.")
 @click.option("--workers", type=click.IntRange(1, 256), default=None,
               help="Parallel reads (default: from the CPU count and the store).")
+@click.option("--no-sync", is_flag=True,
+              help="Do not wait until a raw image is on disk before naming it (faster; a "
+                   "host crash right after the restore may leave it incomplete).")
 def restore(ctx: Context, spec: str, output: Path, disk: str | None, fmt: str,
-            since: str | None, backing: str | None, force: bool, workers: int | None) -> None:
+            since: str | None, backing: str | None, force: bool, workers: int | None,
+            no_sync: bool) -> None:
     """Rebuild the disk images of a snapshot (VM@WHEN)."""
     if since and (fmt != "qcow2" or not backing):
         raise click.UsageError("--since needs --format qcow2 and --backing IMAGE")
@@ -74,7 +78,7 @@ def restore(ctx: Context, spec: str, output: Path, disk: str | None, fmt: str,
                                       workers=workers, check=check)
             else:
                 stats = restore_raw(r, d, target, force=force, progress=advance,
-                                    workers=workers, check=check)
+                                    workers=workers, check=check, sync=not no_sync)
             results.append({"disk": d.name, "path": str(target), "size": d.size,
                             "format": fmt, "differential": old is not None,
                             **stats.__dict__})
