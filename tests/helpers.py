@@ -8,7 +8,7 @@ import random
 import shutil
 import subprocess
 import sys
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -118,3 +118,44 @@ def wait_for_socket(path: Path, proc: subprocess.Popen[bytes], timeout: float = 
                 if time.monotonic() > deadline:
                     raise
         time.sleep(0.02)
+
+
+def random_image_vm(work: Path, mib: int, chunk: str = "64K", pack: str = "1M") -> Path:
+    """``work/big.raw`` of ``mib`` MiB of random data as VM vm1's disk, in a fresh repository."""
+    big = work / "big.raw"
+    with open(big, "wb") as f:
+        for _ in range(mib // 4):
+            f.write(os.urandom(4 << 20))
+    (work / "vmrepo.toml").write_text(
+        'repository = "repo"\n[vm.vm1]\nsource = "file"\ndisks = { disk0 = "big.raw" }\n')
+    run_cli("init", "--chunk-size", chunk, "--pack-size", pack, cwd=work)
+    return big
+
+
+def signal_when(args: list[str], cwd: Path, ready: Callable[[], bool], sig: int,
+                timeout: float = 120) -> tuple[int, str]:
+    """Run ``vmrepo ARGS``, send ``sig`` once ``ready()`` holds; return exit code and stderr.
+
+    Fails if the command ends before it could be signalled; the process is always reaped.
+    """
+    import signal as _signal
+    import time
+
+    proc = subprocess.Popen([vmrepo_bin(), *args], cwd=cwd, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + timeout
+        while not ready() and proc.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.005)
+        assert proc.poll() is None, f"vmrepo {' '.join(args)} ended before it could be signalled"
+        proc.send_signal(sig)
+        _, err = proc.communicate(timeout=timeout)
+    finally:
+        if proc.poll() is None:
+            proc.send_signal(_signal.SIGKILL)
+        proc.wait()
+    return proc.returncode, err
+
+
+def pack_count(repo: Path) -> int:
+    return len(list(repo.glob("data/*/*")))

@@ -7,7 +7,6 @@ import os
 import random
 import signal
 import subprocess
-import time
 from datetime import datetime
 from pathlib import Path
 
@@ -15,7 +14,14 @@ import msgpack
 import pytest
 from vmrepo import exitcodes
 
-from .helpers import run_cli, run_json, vmrepo_bin, write_sample_image
+from .helpers import (
+    pack_count,
+    random_image_vm,
+    run_cli,
+    run_json,
+    signal_when,
+    write_sample_image,
+)
 
 
 @pytest.fixture
@@ -182,24 +188,9 @@ def test_exclusive_lock_blocks_snapshot(setup: Path) -> None:
 
 
 def test_sigkill_mid_snapshot_leaves_no_record(tmp_path: Path) -> None:
-    big = tmp_path / "big.raw"
-    with open(big, "wb") as f:
-        for _ in range(48):
-            f.write(os.urandom(4 << 20))
-    (tmp_path / "vmrepo.toml").write_text(
-        'repository = "repo"\n[vm.vm1]\nsource = "file"\ndisks = { disk0 = "big.raw" }\n')
-    run_cli("init", "--chunk-size", "64K", "--pack-size", "1M", cwd=tmp_path)
-    proc = subprocess.Popen([vmrepo_bin(), "snapshot", "vm1"], cwd=tmp_path,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    try:
-        deadline = time.monotonic() + 60
-        while not list((tmp_path / "repo").glob("data/*/*")) and time.monotonic() < deadline:
-            time.sleep(0.01)
-        assert proc.poll() is None, "snapshot finished before it could be killed"
-        proc.send_signal(signal.SIGKILL)
-    finally:
-        proc.kill()
-        proc.wait()
+    big = random_image_vm(tmp_path, 192)
+    signal_when(["snapshot", "vm1"], tmp_path, lambda: pack_count(tmp_path / "repo") > 0,
+                signal.SIGKILL)
     assert list((tmp_path / "repo").glob("data/*/*")), "no pack was written before the kill"
     assert not list((tmp_path / "repo" / "snapshots").glob("*"))
     assert run_json("snapshots", cwd=tmp_path)["snapshots"] == []
@@ -214,26 +205,11 @@ def test_sigkill_mid_snapshot_leaves_no_record(tmp_path: Path) -> None:
     assert "removed" in run_cli("unlock", cwd=tmp_path).stdout
 
 
-def test_sigint_mid_snapshot_exits_130_without_record(tmp_path: Path) -> None:
-    big = tmp_path / "big.raw"
-    with open(big, "wb") as f:
-        for _ in range(48):
-            f.write(os.urandom(4 << 20))
-    (tmp_path / "vmrepo.toml").write_text(
-        'repository = "repo"\n[vm.vm1]\nsource = "file"\ndisks = { disk0 = "big.raw" }\n')
-    run_cli("init", "--chunk-size", "64K", "--pack-size", "1M", cwd=tmp_path)
-    proc = subprocess.Popen([vmrepo_bin(), "snapshot", "vm1"], cwd=tmp_path,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    try:
-        deadline = time.monotonic() + 60
-        while not list((tmp_path / "repo").glob("data/*/*")) and time.monotonic() < deadline:
-            time.sleep(0.01)
-        proc.send_signal(signal.SIGTERM)
-        _, err = proc.communicate(timeout=60)
-    finally:
-        proc.kill()
-        proc.wait()
-    assert proc.returncode == exitcodes.INTERRUPTED, err
-    assert "interrupted" in err and "Traceback" not in err
+def test_sigterm_mid_snapshot_exits_130_without_record(tmp_path: Path) -> None:
+    random_image_vm(tmp_path, 192)
+    code, err = signal_when(["snapshot", "vm1"], tmp_path,
+                            lambda: pack_count(tmp_path / "repo") > 0, signal.SIGTERM)
+    assert code == exitcodes.INTERRUPTED, err
+    assert "interrupted by SIGTERM" in err and "Traceback" not in err
     assert not list((tmp_path / "repo" / "snapshots").glob("*"))
     assert run_json("locks", cwd=tmp_path)["locks"] == []  # released on the way out

@@ -21,3 +21,18 @@ def test_exit_code_table_matches_the_code() -> None:
 def test_format_spec_names_the_magic_numbers() -> None:
     text = (DOCS / "format.md").read_text()
     assert PACK_MAGIC.decode() in text and TRAILER_MAGIC.decode() in text
+
+
+def test_architecture_names_every_module() -> None:
+    """Each package's section of docs/architecture.md names each of its modules."""
+    text = (DOCS / "architecture.md").read_text()
+    sections = re.split(r"^## ", text, flags=re.M)
+    top = DOCS.parent
+    missing = []
+    for package in ("repo", "sources", "storage"):
+        section = next(s for s in sections if f"(`{package}/`)" in s.splitlines()[0])
+        for path in sorted((top / package).rglob("*.py")):
+            rel = path.relative_to(top / package).as_posix()
+            if not rel.endswith("__init__.py") and f"`{rel}`" not in section:
+                missing.append(f"{package}/{rel}")
+    assert missing == []
