@@ -236,6 +236,7 @@ def acquire(store: RepoStore, operation: str, *, scope: str = REPOSITORY,
         except StorageError as exc:
             log.debug("could not withdraw lock %s: %s", info.id, exc)
         raise _locked(blocking)
+    log.debug("took %s", info.describe())
     return RepoLock(store, info, version, clock, stale, corrupt, refresh_every)
 
 

@@ -122,6 +122,9 @@ class ReadPlanner(Generic[T]):
                     f.cancel()
         if error:
             raise error[0]
+        log.info("read %d blobs (%d bytes) with %d requests of %d bytes",
+                 self.stats.blobs, self.stats.bytes_delivered, self.stats.requests,
+                 self.stats.bytes_fetched)
         return self.stats
 
     def _units(self, req: _Request[T]) -> int:

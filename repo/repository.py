@@ -66,7 +66,10 @@ class Repository:
             raw = backend.get(CONFIG_KEY)
         except ObjectNotFound:
             raise RepositoryNotFound(backend.location) from None
-        return cls(backend, RepoConfig.decode(raw), **kw)
+        repo = cls(backend, RepoConfig.decode(raw), **kw)
+        log.info("repository %s at %s (format %d)", repo.config.repository_id,
+                 backend.location, repo.config.version)
+        return repo
 
     def require_current_format(self, what: str) -> None:
         """Refuse to write into an older format (older readers must keep working on it)."""

@@ -185,6 +185,9 @@ class WriteSession:
         self._raise_upload_error()
         self._flush(publish=True)
         self._closed = True
+        log.info("session stored %d new blobs in %d packs (%d bytes), %d index segments",
+                 self.stats.blobs_new, self.stats.packs, self.stats.pack_bytes,
+                 self.stats.segments)
         return list(self.segment_keys)
 
     def abort(self) -> None:

@@ -1,0 +1,50 @@
+"""Running a command and measuring it: wall time, CPU time, peak memory, its output."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+# A small wrapper process starts the command, so the peak RSS is the command's own and
+# not inherited from the (large) benchmark process at fork time.
+_WRAP = (
+    "import os, subprocess, sys\n"
+    "p = subprocess.Popen(sys.argv[1:], stderr=subprocess.DEVNULL)\n"
+    "_, st, ru = os.wait4(p.pid, 0)\n"
+    "sys.stderr.write(f'{os.waitstatus_to_exitcode(st)} {ru.ru_utime + ru.ru_stime} "
+    "{ru.ru_maxrss}')\n"
+)
+
+
+@dataclass
+class Measured:
+    seconds: float
+    cpu: float
+    max_rss: int
+    stdout: str
+
+
+def run_measured(cmd: list[str], env: dict[str, str] | None = None, cwd: Path | None = None
+                 ) -> Measured:
+    """Run ``cmd``; exit the benchmark if it fails."""
+    t = time.monotonic()
+    res = subprocess.run([sys.executable, "-c", _WRAP, *cmd],
+                         env={**os.environ, **(env or {})}, cwd=cwd, capture_output=True,
+                         text=True, check=False)
+    wall = time.monotonic() - t
+    code, cpu, rss = res.stderr.split()[-3:]
+    if int(code) != 0:
+        sys.exit(f"bench: {' '.join(cmd)} failed with exit code {code}")
+    return Measured(wall, float(cpu), int(rss) * 1024, res.stdout)
+
+
+def dir_size(path: Path) -> int:
+    return sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
+
+
+def vmrepo_bin() -> str:
+    return str(Path(sys.executable).parent / "vmrepo")

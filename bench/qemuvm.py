@@ -1,0 +1,72 @@
+"""A paused QEMU with one qcow2 disk for the benchmark: started on private QMP sockets, stopped
+by PID. No guest OS (``-M none``); guest writes go through HMP ``qemu-io``."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import subprocess
+import time
+from pathlib import Path
+from typing import Any
+
+from vmrepo.sources.qemu.qmp import QmpConnection, QmpDisconnected
+
+
+class BenchVM:
+    def __init__(self, work: Path, image: Path) -> None:
+        self.work = work
+        self.image = image
+        self.qmp_path = work / "vm.qmp"  # for vmrepo
+        self.own_path = work / "bench.qmp"  # for the benchmark
+        self.proc: subprocess.Popen[bytes] | None = None
+        self.qmp: QmpConnection | None = None
+
+    def start(self) -> BenchVM:
+        for p in (self.qmp_path, self.own_path):
+            p.unlink(missing_ok=True)
+        self.proc = subprocess.Popen(
+            ["qemu-system-x86_64", "-M", "none", "-nodefaults", "-display", "none",
+             "-accel", "kvm", "-accel", "tcg",
+             "-qmp", f"unix:{self.qmp_path},server=on,wait=off",
+             "-qmp", f"unix:{self.own_path},server=on,wait=off"],
+            stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        deadline = time.monotonic() + 30
+        while True:
+            try:
+                if self.own_path.exists():
+                    self.qmp = QmpConnection(str(self.own_path))
+                    break
+            except QmpDisconnected:
+                pass
+            if self.proc.poll() is not None or time.monotonic() > deadline:
+                self.stop()
+                raise RuntimeError("QEMU did not start")
+            time.sleep(0.05)
+        self.cmd("blockdev-add", {"driver": "qcow2", "node-name": "disk0",
+                                  "file": {"driver": "file", "filename": str(self.image)}})
+        return self
+
+    def cmd(self, name: str, args: dict[str, Any] | None = None) -> Any:
+        assert self.qmp is not None
+        return self.qmp.execute(name, args)
+
+    def write(self, command: str) -> None:
+        out = self.cmd("human-monitor-command", {"command-line": f'qemu-io disk0 "{command}"'})
+        if out and ("error" in out.lower() or "failed" in out.lower()):
+            raise RuntimeError(f"qemu-io {command}: {out}")
+
+    def stop(self) -> None:
+        if self.qmp is not None:
+            with contextlib.suppress(Exception):
+                self.qmp.execute("quit")
+            self.qmp.close()
+            self.qmp = None
+        if self.proc is not None:
+            try:
+                self.proc.wait(20)
+            except subprocess.TimeoutExpired:
+                os.kill(self.proc.pid, signal.SIGKILL)
+                self.proc.wait()
+            self.proc = None
