@@ -158,7 +158,7 @@ class _DiskWriter:
         try:
             for ext in self.disk.extents():
                 asm.add(ext.offset, ext.length, ext.data)
-                if self.progress:
+                if self.progress and ext.data is not None:
                     self.progress(ext.length)
                 if self.check is not None:
                     self.check()

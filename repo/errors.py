@@ -13,8 +13,10 @@
      ├── SnapshotNotFound       a spec matched nothing (carries the candidates)
      ├── AmbiguousSnapshot      a spec matched several (carries the candidates)
      ├── ConfigError            config file missing, unreadable or invalid; unknown VM
-     ├── RestoreError           output exists, sizes differ, qemu-img failed
+     ├── RestoreError           output exists, sizes differ, backing image differs, qemu-img failed
+     ├── OutputError            the output cannot be written: no space, read-only, permission, I/O
      ├── ExtentError            a source sent an extent outside its disk or overlapping another
+     ├── SomeFailed             a command over several VMs failed for some of them
      └── Interrupted            the operation was stopped by a signal
 
 Storage and source errors come from their own packages and are not wrapped.
@@ -36,9 +38,16 @@ class RepositoryNotFound(VmrepoError):
 
 
 class RepositoryExists(VmrepoError):
-    def __init__(self, location: str) -> None:
-        super().__init__(f"a repository already exists at {location}")
+    """``init`` over a repository, or over a location that holds something else."""
+
+    def __init__(self, location: str, not_empty: Sequence[str] = ()) -> None:
+        if not_empty:
+            super().__init__(f"{location} is not empty and not a vmrepo repository (it holds "
+                             f"{', '.join(not_empty)}...): choose an empty or new location")
+        else:
+            super().__init__(f"a repository already exists at {location}")
         self.location = location
+        self.not_empty = list(not_empty)
 
 
 class IncompatibleRepository(VmrepoError):
@@ -102,12 +111,28 @@ class RestoreError(VmrepoError):
         self.path = path
 
 
+class OutputError(VmrepoError):
+    """Writing a restore's output failed; the partial output was removed."""
+
+    def __init__(self, message: str, path: str | None = None, errno: int | None = None) -> None:
+        super().__init__(message)
+        self.path = path
+        self.errno = errno
+
+
 class ExtentError(VmrepoError):
     """A source broke its contract: an extent outside the disk or overlapping another."""
 
     def __init__(self, message: str, disk: str | None = None) -> None:
         super().__init__(message)
         self.disk = disk
+
+
+class SomeFailed(VmrepoError):
+    """Some of the items a command worked through failed (each was reported, and the
+    command's output, JSON included, already says which)."""
+
+    emitted = True
 
 
 class Interrupted(VmrepoError):

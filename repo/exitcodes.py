@@ -14,6 +14,8 @@ USAGE = 2
 CONFIG = 3
 NO_SNAPSHOT = 4
 RESTORE = 5
+OUTPUT = 6
+SOME_FAILED = 8
 NO_REPOSITORY = 10
 REPOSITORY_EXISTS = 11
 LOCKED = 12
@@ -33,6 +35,7 @@ TABLE: list[tuple[type[BaseException], int]] = [
     (e.SnapshotNotFound, NO_SNAPSHOT),
     (e.AmbiguousSnapshot, NO_SNAPSHOT),
     (e.RestoreError, RESTORE),
+    (e.OutputError, OUTPUT),
     (e.RepositoryNotFound, NO_REPOSITORY),
     (e.RepositoryExists, REPOSITORY_EXISTS),
     (e.RepositoryLocked, LOCKED),
@@ -44,6 +47,7 @@ TABLE: list[tuple[type[BaseException], int]] = [
     (NbdError, SOURCE),
     (StorageError, STORAGE),
     (e.Interrupted, INTERRUPTED),
+    (e.SomeFailed, SOME_FAILED),
     (e.VmrepoError, FAILURE),
 ]
 

@@ -177,6 +177,11 @@ class Index:
         out.update({k: v for k, v in sizes.items() if v is not None})
         return out
 
+    def ordinals(self) -> Ordinals:
+        """Numbers for the blobs this index holds, fixed while it is not changed."""
+        with self._lock:
+            return Ordinals(list(self._runs), {bid: locs[0] for bid, locs in self._mem.items()})
+
     @property
     def covered(self) -> frozenset[bytes]:
         """The segments whose entries this index holds."""
@@ -396,6 +401,35 @@ class Index:
             for run in self._runs + self._retired:
                 run.close()
             self._runs, self._retired = [], []
+
+
+class Ordinals:
+    """A dense number per indexed blob (the position of its first entry), so that per-blob
+    counters fit in an array instead of a dictionary of ids."""
+
+    def __init__(self, runs: list[Run], mem: dict[bytes, Location]) -> None:
+        self._runs = runs
+        self._bases = []
+        base = 0
+        for run in runs:
+            self._bases.append(base)
+            base += run.n
+        self._mem = {bid: base + i for i, bid in enumerate(sorted(mem))}
+        self._mem_locs = mem
+        self.size = base + len(mem)
+
+    def of(self, blob_id: bytes) -> tuple[int, Location] | None:
+        """The blob's number and location, or None if the index does not have it."""
+        n = self._mem.get(blob_id)
+        if n is not None:
+            return n, self._mem_locs[blob_id]
+        for base, run in zip(self._bases, self._runs, strict=True):
+            found = run.locate(blob_id)
+            if found is not None:
+                pos, rec = found
+                return base + pos, Location(run.pack_id(rec[1]), BlobType(rec[5]), rec[2],
+                                            rec[3], rec[4])
+        return None
 
 
 def _source(seg: Segment, sid: bytes) -> Source:

@@ -13,6 +13,7 @@ from vmrepo.storage.errors import ObjectNotFound
 from vmrepo.storage.retry import RetryingBackend
 
 from .errors import ConfigError, RepositoryNotFound
+from .settings import Settings, check_keys
 
 
 def _names(group: str) -> list[str]:
@@ -29,6 +30,7 @@ def open_backend(url: str, create: bool = False,
         raise ConfigError(f"no storage backend for {scheme}:// (have: "
                           f"{', '.join(_names('vmrepo.storage'))})")
     cls: type[Backend] = next(iter(found)).load()
+    check_keys(options or {}, cls.option_keys, f"[storage] for {scheme}://", None)
     try:
         return RetryingBackend(cls.from_url(url, create=create, options=options))
     except ObjectNotFound:
@@ -36,7 +38,9 @@ def open_backend(url: str, create: bool = False,
 
 
 class SourceFactory(Protocol):
-    """What a ``vmrepo.sources`` entry point provides: a ``from_config`` builder."""
+    """What a ``vmrepo.sources`` entry point provides: its settings and a builder."""
+
+    settings_keys: frozenset[str]
 
     def from_config(self, vm: str, settings: Mapping[str, Any]) -> Source: ...
 
@@ -48,3 +52,11 @@ def source_class(name: str) -> SourceFactory:
                                 f"{', '.join(_names('vmrepo.sources'))})")
     factory: SourceFactory = next(iter(found)).load()
     return factory
+
+
+def make_source(settings: Settings, vm: str) -> Source:
+    """The source of VM ``vm``, its settings checked against what its plugin takes."""
+    table = settings.vm(vm)
+    factory = source_class(table["source"])
+    settings.check_vm(vm, factory.settings_keys)
+    return factory.from_config(vm, table)

@@ -51,7 +51,17 @@ class Repository:
 
     @classmethod
     def init(cls, backend: Backend, config: RepoConfig, **kw: Any) -> Repository:
-        """Write ``config`` to an empty location; refuse an existing repository."""
+        """Write ``config`` to an empty location; refuse an existing repository and a
+        location that holds anything else."""
+        if backend.exists(CONFIG_KEY):
+            raise RepositoryExists(backend.location)
+        present = []
+        for info in backend.list(""):
+            present.append(info.key)
+            if len(present) == 3:
+                break
+        if present:
+            raise RepositoryExists(backend.location, not_empty=present)
         try:
             backend.create(CONFIG_KEY, config.encode())
         except StorageError as exc:

@@ -1,33 +1,48 @@
-"""Rebuilding disk images from snapshots: raw, qcow2 and differential qcow2.
+"""Rebuilding disk images from snapshots: raw (file or block device), qcow2, differential qcow2.
 
-Every image is written under a temporary name in the target directory and
-renamed into place only when complete, so a failed or interrupted restore
-never leaves a half-written image under the requested name. Raw images are
-sparse: all-zero chunks are holes. Every chunk is verified against its id.
+Every chunk is read through the read planner and checked against its id.
+Files are written under a temporary name beside the final one and renamed
+into place only when complete, so a failed or interrupted restore never
+leaves a half-written image under the requested name; block devices are
+written in place (:mod:`vmrepo.output`). qcow2 images, full or differential,
+are written through a private qemu-nbd export of the new image and the NBD
+client: no command is ever built from a path. A differential image's
+backing image is checked chunk by chunk against the older snapshot before
+anything is written on top of it.
 """
 
 from __future__ import annotations
 
-import contextlib
+import fcntl
 import json
 import logging
 import os
-import secrets
 import subprocess
-import tempfile
 import threading
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-from .errors import IntegrityError, RestoreError
+from vmrepo.sources.nbd.client import NbdClient
+from vmrepo.sources.nbd.errors import NbdError
+from vmrepo.sources.nbd.qemunbd import QemuNbd
+
+from .errors import IntegrityError, OutputError, RestoreError
 from .format import ZERO_ID
 from .logs import ignored
 from .manifest import Manifest, iter_chunks, split_page
+from .output import (
+    PARTIAL,
+    NbdTarget,
+    Target,
+    check_new_file,
+    open_file_or_device,
+    output_error,
+    remove_leftovers,
+)
 from .planner import ReadPlanner
 from .repository import Repository
 from .snapshots import DiskRecord
-from .writeback import Writeback
 
 log = logging.getLogger(__name__)
 
@@ -43,112 +58,168 @@ class RestoreStats:
     requests: int = 0
 
 
-def _partial_path(final: Path) -> Path:
-    return final.with_name(f".{final.name}.vmrepo-partial-{secrets.token_hex(4)}")
-
-
-@contextlib.contextmanager
-def _atomic_output(final: Path, force: bool) -> Iterator[Path]:
-    """Yield a temporary path beside ``final``; rename it over ``final`` on success."""
-    if final.exists() and not force:
-        raise RestoreError(f"{final} exists (use --force to replace it)", str(final))
-    if not final.parent.is_dir():
-        raise RestoreError(f"directory {final.parent} does not exist", str(final.parent))
-    tmp = _partial_path(final)
-    try:
-        yield tmp
-        os.replace(tmp, final)
-    except BaseException:
-        with ignored(log, f"removing {tmp}", OSError):
-            tmp.unlink()
-        raise
-
-
-def _run(cmd: list[str], what: str) -> str:
+def run_tool(cmd: list[str], what: str) -> str:
+    """Run a QEMU tool (arguments as a list, never a command string); its error otherwise."""
     try:
         res = subprocess.run(cmd, capture_output=True, text=True, check=False)
     except FileNotFoundError:
         raise RestoreError(f"{cmd[0]} not found: install qemu-utils") from None
     if res.returncode != 0:
-        detail = (res.stderr or res.stdout).strip().splitlines()
-        raise RestoreError(f"{what} failed: {detail[-1] if detail else res.returncode}")
+        detail = [ln.removeprefix(f"{cmd[0]}: ") for ln in
+                  (res.stderr or res.stdout).strip().splitlines() if ln.strip()]
+        raise RestoreError(f"{what} failed: "
+                           f"{'; '.join(detail[-3:]) if detail else res.returncode}")
     return res.stdout
 
 
-def write_chunks(repo: Repository, manifest: Manifest, fd: int,
-                 chunks: Iterator[tuple[int, bytes]], stats: RestoreStats,
-                 progress: Progress | None, workers: int | None = None,
-                 check: Callable[[], None] | None = None,
-                 writeback: Writeback | None = None) -> None:
-    """Write the data chunks at their offsets through the read planner; zero chunks stay
-    holes of the sparse file."""
+def data_bytes(repo: Repository, manifest: Manifest) -> int:
+    """How many bytes of the disk are not all-zero chunks (what a restore reads)."""
+    return sum(manifest.chunk_length(i) for i, cid in
+               iter_chunks(manifest, lambda n: repo.page(manifest, n)) if cid != ZERO_ID)
+
+
+def write_disk(repo: Repository, manifest: Manifest, target: Target,
+               chunks: Iterable[tuple[int, bytes]], stats: RestoreStats,
+               progress: Progress | None, workers: int | None = None,
+               check: Callable[[], None] | None = None) -> None:
+    """Write ``chunks`` (index, id) of ``manifest`` into ``target`` through the read planner;
+    zero chunks are written as zeros unless the target reads as zeros already."""
     lock = threading.Lock()
 
     def deliver(index: int, data: bytes) -> None:
         length = manifest.chunk_length(index)
         if len(data) != length:
             raise IntegrityError(f"chunk {index} is {len(data)} bytes, expected {length}")
-        os.pwrite(fd, data, index * manifest.chunk_size)
-        if writeback is not None:
-            writeback.written(length)
+        target.write(index * manifest.chunk_size, data)
         with lock:
             stats.bytes_written += length
             if progress:
                 progress(length)
 
+    zero_run: list[int] = []  # [start, end) of consecutive zero chunks not yet written
+
+    def flush_zeros() -> None:
+        if zero_run:
+            target.zero(zero_run[0], zero_run[1] - zero_run[0])
+            zero_run.clear()
+
     def wanted() -> Iterator[tuple[bytes, int]]:
         for index, cid in chunks:
             if cid == ZERO_ID:
                 stats.chunks_zero += 1
-                if progress:
-                    progress(manifest.chunk_length(index))
+                if not target.zero_filled:
+                    start = index * manifest.chunk_size
+                    end = start + manifest.chunk_length(index)
+                    if zero_run and zero_run[1] == start:
+                        zero_run[1] = end
+                    else:
+                        flush_zeros()
+                        zero_run[:] = [start, end]
                 continue
+            flush_zeros()
             stats.chunks_read += 1
             yield cid, index
+        flush_zeros()
 
     planner: ReadPlanner[int] = ReadPlanner(repo, deliver, workers=workers, check=check)
-    planned = planner.read(wanted())
-    stats.requests += planned.requests
+    stats.requests += planner.read(wanted()).requests
 
 
 def restore_raw(repo: Repository, disk: DiskRecord, out: Path, *, force: bool = False,
                 progress: Progress | None = None, workers: int | None = None,
-                check: Callable[[], None] | None = None, sync: bool = True) -> RestoreStats:
-    """Write ``disk`` as a sparse raw image at ``out``; with ``sync`` it is durable before
-    it gets its name."""
+                check: Callable[[], None] | None = None, sync: bool = True,
+                discard: bool = False) -> RestoreStats:
+    """Write ``disk`` as a raw image at ``out``: a new sparse file (durable before it gets its
+    name, with ``sync``) or, in place, a block device."""
     manifest = repo.manifest(disk.root)
     stats = RestoreStats()
-    with _atomic_output(out, force) as tmp:
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-        writeback = Writeback(fd) if sync else None
-        try:
-            os.ftruncate(fd, manifest.size)
-            chunks = iter_chunks(manifest, lambda n: repo.page(manifest, n))
-            write_chunks(repo, manifest, fd, chunks, stats, progress, workers, check,
-                         writeback)
-            if writeback is not None:
-                writeback.finish()
-        finally:
-            if writeback is not None:
-                writeback.close()
-            os.close(fd)
+    target = open_file_or_device(out, manifest.size, force=force, discard=discard, sync=sync)
+    try:
+        write_disk(repo, manifest, target, iter_chunks(manifest, lambda n: repo.page(manifest,
+                                                                                      n)),
+                   stats, progress, workers, check)
+        target.finish()
+    except BaseException:
+        target.abort()
+        raise
     return stats
+
+
+class _NewImage:
+    """A new qcow2 image under a temporary name beside ``final``, served by qemu-nbd."""
+
+    def __init__(self, final: Path, create: list[str]) -> None:
+        self.final = final
+        self.tmp = final.with_name(f".{final.name}{PARTIAL}{os.urandom(4).hex()}")
+        self._fd = -1
+        self.server: QemuNbd | None = None
+        self.client: NbdClient | None = None
+        try:
+            run_tool([*create, str(self.tmp)], "qemu-img create")
+            self._fd = os.open(self.tmp, os.O_RDONLY | os.O_CLOEXEC)
+            fcntl.flock(self._fd, fcntl.LOCK_EX)  # alive: not a leftover
+            os.fchmod(self._fd, 0o600)
+            self.server = QemuNbd(str(self.tmp), "qcow2", writable=True)
+            self.client = NbdClient(self.server.address)
+        except NbdError as exc:
+            self.abort()
+            raise OutputError(f"cannot write {final}: {exc}", str(final)) from None
+        except OSError as exc:
+            self.abort()
+            raise output_error(exc, final, "create") from None
+        except BaseException:
+            self.abort()
+            raise
+
+    def target(self, zero_filled: bool) -> NbdTarget:
+        assert self.client is not None
+        return NbdTarget(self.final, self.client, zero_filled=zero_filled)
+
+    def _stop(self) -> None:
+        if self.client is not None:
+            self.client.close()
+            self.client = None
+        if self.server is not None:
+            self.server.stop()
+            self.server = None
+        if self._fd >= 0:
+            os.close(self._fd)
+            self._fd = -1
+
+    def finish(self) -> None:
+        self._stop()
+        try:
+            os.replace(self.tmp, self.final)
+        except OSError as exc:
+            self.abort()
+            raise output_error(exc, self.final, "complete") from None
+
+    def abort(self) -> None:
+        self._stop()
+        with ignored(log, f"removing {self.tmp}", OSError):
+            self.tmp.unlink()
 
 
 def restore_qcow2(repo: Repository, disk: DiskRecord, out: Path, *, force: bool = False,
                   progress: Progress | None = None, workers: int | None = None,
                   check: Callable[[], None] | None = None) -> RestoreStats:
-    """Write ``disk`` as a qcow2 image at ``out`` (through a sparse raw in the same place)."""
-    with _atomic_output(out, force) as tmp:
-        raw = _partial_path(out)
-        try:
-            stats = restore_raw(repo, disk, raw, progress=progress, workers=workers,
-                                check=check)
-            _run(["qemu-img", "convert", "-q", "-f", "raw", "-O", "qcow2", str(raw), str(tmp)],
-                 "qemu-img convert")
-        finally:
-            with ignored(log, f"removing {raw}", OSError):
-                raw.unlink()
+    """Write ``disk`` as a new qcow2 image at ``out``."""
+    manifest = repo.manifest(disk.root)
+    check_new_file(out, force)
+    remove_leftovers(out)
+    image = _NewImage(out, ["qemu-img", "create", "-q", "-f", "qcow2", "-o",
+                            f"size={manifest.size}"])
+    stats = RestoreStats()
+    try:
+        target = image.target(zero_filled=True)
+        write_disk(repo, manifest, target, iter_chunks(manifest, lambda n: repo.page(manifest,
+                                                                                      n)),
+                   stats, progress, workers, check)
+        target.finish()
+        image.finish()
+    except BaseException:
+        image.abort()
+        raise
     return stats
 
 
@@ -169,69 +240,70 @@ def changed_chunks(repo: Repository, new: Manifest, old: Manifest) -> Iterator[t
                 yield first + slot, a
 
 
-def _backing_info(backing: Path) -> tuple[str, int]:
-    info = json.loads(_run(["qemu-img", "info", "--output=json", str(backing)],
-                           f"reading backing image {backing}"))
+def image_info(path: Path) -> tuple[str, int]:
+    """Format and virtual size of an image, as qemu-img reports them."""
+    info = json.loads(run_tool(["qemu-img", "info", "-U", "--output=json", str(path)],
+                               f"reading image {path}"))
     return str(info["format"]), int(info["virtual-size"])
+
+
+def verify_backing(repo: Repository, manifest: Manifest, backing: Path, fmt: str,
+                   what: str) -> None:
+    """RestoreError unless ``backing`` holds exactly the disk ``manifest`` describes."""
+    zero = repo.zero_chunk(manifest.chunk_size)
+    try:
+        with QemuNbd(str(backing), fmt) as server, \
+                NbdClient(server.address) as client:
+            if client.size != manifest.size:
+                raise RestoreError(f"backing image {backing} has {client.size} bytes, {what} "
+                                   f"has {manifest.size}", str(backing))
+            for page_no in range(len(manifest.page_ids)):
+                first, count = manifest.page_span(page_no)
+                ids = split_page(repo.page(manifest, page_no), count, f"page {page_no}")
+                ranges = [((first + i) * manifest.chunk_size, manifest.chunk_length(first + i))
+                          for i in range(count)]
+                for (offset, data, _holes), cid in zip(client.read_ranges(ranges, depth=8), ids,
+                                                       strict=True):
+                    got = ZERO_ID if data == zero[: len(data)] else repo.hasher.id(data)
+                    if got != cid:
+                        raise RestoreError(
+                            f"backing image {backing} is not {what}: bytes {offset}-"
+                            f"{offset + len(data) - 1} differ (--no-check-backing skips this "
+                            "check, at the risk of a wrong image)", str(backing))
+    except NbdError as exc:
+        raise RestoreError(f"cannot read backing image {backing}: {exc}", str(backing)) from None
 
 
 def restore_differential(repo: Repository, disk: DiskRecord, since: DiskRecord, out: Path,
                          backing: Path, *, force: bool = False,
-                         progress: Progress | None = None) -> RestoreStats:
+                         progress: Progress | None = None, workers: int | None = None,
+                         check: Callable[[], None] | None = None,
+                         check_backing: bool = True, since_label: str = "the older snapshot"
+                         ) -> RestoreStats:
     """Write a qcow2 overlay on ``backing`` holding what changed from ``since`` to ``disk``."""
     new, old = repo.manifest(disk.root), repo.manifest(since.root)
     if not backing.exists():
         raise RestoreError(f"backing image {backing} does not exist", str(backing))
-    fmt, vsize = _backing_info(backing)
+    fmt, vsize = image_info(backing)
     if vsize != old.size:
-        raise RestoreError(f"backing image {backing} has {vsize} bytes, the older snapshot's "
+        raise RestoreError(f"backing image {backing} has {vsize} bytes, {since_label}'s "
                            f"disk {since.name} has {old.size}", str(backing))
+    if check_backing:
+        verify_backing(repo, old, backing, fmt, f"{since_label}'s disk {since.name}")
+    check_new_file(out, force)
+    remove_leftovers(out)
+    # The overlay lives beside the final name, so a relative backing path resolves alike.
+    rel = os.path.relpath(backing.absolute(), out.absolute().parent)
+    image = _NewImage(out, ["qemu-img", "create", "-q", "-f", "qcow2", "-b", rel, "-F", fmt,
+                            "-o", f"size={new.size}"])
     stats = RestoreStats()
-    with _atomic_output(out, force) as tmp:
-        rel = os.path.relpath(backing.absolute(), out.absolute().parent)
-        _run(["qemu-img", "create", "-q", "-f", "qcow2", "-b", rel, "-F", fmt, str(tmp),
-              str(new.size)], "qemu-img create")
-        # The overlay is created beside the final name, so relative backing paths resolve.
-        with tempfile.TemporaryDirectory(prefix=".vmrepo-diff-", dir=out.parent) as scratch:
-            _apply_changes(repo, new, changed_chunks(repo, new, old), tmp, Path(scratch),
-                           stats, progress)
+    try:
+        target = image.target(zero_filled=False)
+        write_disk(repo, new, target, changed_chunks(repo, new, old), stats, progress, workers,
+                   check)
+        target.finish()
+        image.finish()
+    except BaseException:
+        image.abort()
+        raise
     return stats
-
-
-def _apply_changes(repo: Repository, manifest: Manifest, chunks: Iterator[tuple[int, bytes]],
-                   image: Path, scratch: Path, stats: RestoreStats,
-                   progress: Progress | None, batch_bytes: int = 256 << 20) -> None:
-    """Write changed chunks into a qcow2 image with qemu-io, in batches of files."""
-    commands: list[str] = []
-    pending = 0
-
-    def flush() -> None:
-        nonlocal pending
-        if commands:
-            cmd = ["qemu-io", "-f", "qcow2", str(image)]
-            for c in commands:
-                cmd += ["-c", c]
-            _run(cmd, "qemu-io write")
-        for f in scratch.iterdir():
-            f.unlink()
-        commands.clear()
-        pending = 0
-
-    for index, cid in chunks:
-        length = manifest.chunk_length(index)
-        offset = index * manifest.chunk_size
-        if cid == ZERO_ID:
-            stats.chunks_zero += 1
-            commands.append(f"write -q -z {offset} {length}")
-        else:
-            path = scratch / f"c{index}"
-            path.write_bytes(repo.read_chunk(cid, length))
-            stats.chunks_read += 1
-            pending += length
-            commands.append(f"write -q -s {path} {offset} {length}")
-        stats.bytes_written += length
-        if progress:
-            progress(length)
-        if pending >= batch_bytes or len(commands) >= 2000:
-            flush()
-    flush()

@@ -130,6 +130,19 @@ class Run:
             i += 1
         return out
 
+    def locate(self, blob_id: bytes) -> tuple[int, Record] | None:
+        """The position and entry of the first entry of ``blob_id``, if the run has one."""
+        lo, hi = self._bucket(blob_id)
+        if lo == hi:
+            return None
+        bucket = os.pread(self._fd, (hi - lo) * ENTRY_SIZE, self._entries + lo * ENTRY_SIZE)
+        i = _lower_bound(bucket, blob_id, 0, hi - lo)
+        if i < hi - lo:
+            rec: Record = ENTRY.unpack_from(bucket, i * ENTRY_SIZE)
+            if rec[0] == blob_id:
+                return lo + i, rec
+        return None
+
     def position(self, blob_id: bytes) -> int:
         """How many entries sort before ``blob_id``."""
         lo, hi = self._bucket(blob_id)

@@ -7,6 +7,7 @@ explicitly must exist; otherwise a missing file just means no VMs defined.
 
 from __future__ import annotations
 
+import difflib
 import os
 import tomllib
 from collections.abc import Mapping
@@ -16,6 +17,10 @@ from typing import Any
 
 from .errors import ConfigError
 from .spec import VM_NAME_RE
+
+#: Keys of the config file's top level, and the core's own keys of a VM's table.
+TOP_KEYS = frozenset({"repository", "vm", "storage"})
+CORE_VM_KEYS = frozenset({"source"})
 
 SEARCH_PATH = (
     Path("vmrepo.toml"),
@@ -40,6 +45,24 @@ class Settings:
             raise ConfigError(f"unknown VM {name!r}{where}; defined VMs: {known}",
                               str(self.path) if self.path else None)
         return self.vms[name]
+
+    def check_vm(self, name: str, plugin_keys: frozenset[str]) -> None:
+        """Refuse keys in VM ``name``'s table that neither the core nor its source knows."""
+        check_keys(self.vms[name], CORE_VM_KEYS | plugin_keys, f"[vm.{name}]", self.path)
+
+
+def check_keys(table: Mapping[str, Any], allowed: frozenset[str], where: str,
+               path: Path | None) -> None:
+    """ConfigError naming the first unknown key of ``table`` and the nearest known one."""
+    for key in table:
+        if key in allowed:
+            continue
+        near = difflib.get_close_matches(str(key), sorted(allowed), n=1, cutoff=0.5)
+        hint = f"; did you mean {near[0]!r}?" if near else \
+            f"; known keys: {', '.join(sorted(allowed)) or 'none'}"
+        origin = f"config file {path}: " if path else ""
+        raise ConfigError(f"{origin}{where}: unknown key {key!r}{hint}",
+                          str(path) if path else None)
 
 
 def find_config(explicit: str | None, env: Mapping[str, str] = os.environ) -> Path | None:
@@ -67,6 +90,10 @@ def load_settings(explicit: str | None, env: Mapping[str, str] = os.environ) -> 
         raise ConfigError(f"cannot read config file {path}: {exc.strerror}", str(path)) from exc
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError(f"config file {path}: {exc}", str(path)) from exc
+    except UnicodeDecodeError as exc:
+        raise ConfigError(f"config file {path} is not UTF-8 text (byte {exc.start} is "
+                          f"{exc.object[exc.start]:#04x})", str(path)) from None
+    check_keys(doc, TOP_KEYS, "top level", path)
     repo = doc.get("repository")
     if repo is not None and not isinstance(repo, str):
         raise ConfigError(f"config file {path}: repository must be a string", str(path))

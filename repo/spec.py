@@ -6,7 +6,10 @@
 * ``YYYY-MM-DD``: the newest snapshot taken that day (local time);
 * ``YYYY-MM-DDTHH:MM`` or ``YYYY-MM-DDTHH:MM:SS``: the snapshot taken in that
   minute or second (local time); several is ambiguous;
-* a hex prefix of the snapshot id (at least 4 digits).
+* a hex prefix of the snapshot id (at least 4 digits);
+
+each optionally followed by ``~N``: the N-th snapshot of the VM before the
+one named (``vm1@latest~1`` is the one before the newest).
 """
 
 from __future__ import annotations
@@ -23,6 +26,7 @@ VM_NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
 _DAY = re.compile(r"\d{4}-\d{2}-\d{2}")
 _TIME = re.compile(r"\d{4}-\d{2}-\d{2}T\d{2}:\d{2}(:\d{2})?")
 _HEX = re.compile(r"[0-9a-f]{4,64}")
+_BACK = re.compile(r"(.*)~(\d+)")
 MAX_LISTED = 10
 
 
@@ -31,9 +35,11 @@ class Spec:
     vm: str
     when: str
     kind: str  # latest | day | time | id
+    #: How many snapshots before the one ``when`` names (``~N``).
+    back: int = 0
 
     def __str__(self) -> str:
-        return f"{self.vm}@{self.when}"
+        return f"{self.vm}@{self.when}{'~' + str(self.back) if self.back else ''}"
 
 
 def parse_spec(text: str) -> Spec:
@@ -42,18 +48,22 @@ def parse_spec(text: str) -> Spec:
         raise SpecError(text, "expected VM@WHEN (e.g. vm1@latest, vm1@2024-05-01)")
     if not VM_NAME_RE.fullmatch(vm):
         raise SpecError(text, f"invalid VM name {vm!r}")
+    back = 0
+    m = _BACK.fullmatch(when)
+    if m:
+        when, back = m.group(1), int(m.group(2))
     if when == "latest":
-        return Spec(vm, when, "latest")
+        return Spec(vm, when, "latest", back)
     if _DAY.fullmatch(when):
         _check_time(text, when, "%Y-%m-%d")
-        return Spec(vm, when, "day")
+        return Spec(vm, when, "day", back)
     if _TIME.fullmatch(when):
         _check_time(text, when, "%Y-%m-%dT%H:%M:%S" if when.count(":") == 2 else "%Y-%m-%dT%H:%M")
-        return Spec(vm, when, "time")
+        return Spec(vm, when, "time", back)
     if _HEX.fullmatch(when.lower()):
-        return Spec(vm, when.lower(), "id")
+        return Spec(vm, when.lower(), "id", back)
     raise SpecError(text, "WHEN must be latest, YYYY-MM-DD, YYYY-MM-DDTHH:MM[:SS] or an id "
-                          "prefix of at least 4 hex digits")
+                          "prefix of at least 4 hex digits, optionally followed by ~N")
 
 
 def _check_time(text: str, when: str, fmt: str) -> None:
@@ -91,4 +101,7 @@ def resolve(spec: Spec, snapshots: Sequence[Snapshot], tz: tzinfo | None = None)
         raise SnapshotNotFound(str(spec), _labels(mine, tz))
     if len(matches) > 1:
         raise AmbiguousSnapshot(str(spec), _labels(matches, tz))
-    return matches[0]
+    at = mine.index(matches[0]) - spec.back
+    if at < 0:
+        raise SnapshotNotFound(str(spec), _labels(mine, tz))
+    return mine[at]

@@ -81,7 +81,8 @@ class DiskStream(ABC):
         return {}
 
     def work_bytes(self) -> int:
-        """How many bytes this pass will cover (the whole disk unless the source knows)."""
+        """How many bytes of data this pass will read, as well as the source can tell before
+        (zeros and holes do not count; the whole disk unless the source knows better)."""
         return self.size
 
 
@@ -106,6 +107,8 @@ class Source(ABC):
 
     #: The plugin name, as used in the config's ``source = "..."``.
     plugin: str = ""
+    #: The keys a VM's table may hold for this plugin (besides the core's own, ``source``).
+    settings_keys: frozenset[str] = frozenset()
 
     @classmethod
     @abstractmethod

@@ -16,18 +16,15 @@ import errno
 import json
 import os
 import re
-import shutil
-import signal
 import stat
 import subprocess
-import tempfile
-import time
 from collections.abc import Iterator, Mapping
 from typing import Any
 
 from .base import BackupContext, DiskStream, Extent, Source
 from .errors import DiskUnreadable, SourceConfigError
-from .nbd.client import NbdAddress, NbdClient
+from .nbd.client import NbdClient
+from .nbd.qemunbd import QemuNbd
 from .nbdread import ALLOCATION, ReadCounters, read_disk, source_errors
 
 #: Upper bound of one read; reads are aligned to the chunk size.
@@ -79,7 +76,7 @@ class FileDisk(DiskStream):
         self.bytes_read = 0
         self.hole_bytes = 0
         try:
-            self._fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+            self._fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC | os.O_NONBLOCK)
         except OSError as exc:
             raise DiskUnreadable(f"disk {name}: cannot open {path}: {exc.strerror}", name) from exc
         try:
@@ -96,6 +93,12 @@ class FileDisk(DiskStream):
         except DiskUnreadable:
             self.close()
             raise
+
+    def work_bytes(self) -> int:
+        try:
+            return sum(n for _, n, is_data in data_ranges(self._fd, self.size) if is_data)
+        except OSError:
+            return self.size
 
     def extents(self) -> Iterator[Extent]:
         try:
@@ -160,36 +163,16 @@ class ImageDisk(DiskStream):
         self.reason = f"the file source reads every allocated byte ({fmt} through qemu-nbd)"
         self.base_snapshot = None
         self.counters = ReadCounters()
-        self._dir = tempfile.mkdtemp(prefix="vmrepo-image-")
-        sock = os.path.join(self._dir, "nbd.sock")
+        self._client: NbdClient | None = None
+        with source_errors(name):
+            self._server: QemuNbd | None = QemuNbd(path, fmt)
         try:
-            self._proc: subprocess.Popen[bytes] | None = subprocess.Popen(
-                ["qemu-nbd", "--read-only", f"--format={fmt}", "--export-name=d",
-                 f"--socket={sock}", "--persistent", path],
-                stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-        except FileNotFoundError:
-            shutil.rmtree(self._dir, ignore_errors=True)
-            raise DiskUnreadable(f"disk {name}: reading {fmt} images needs qemu-nbd "
-                                 "(qemu-utils)", name) from None
-        try:
-            self._wait_for(sock)
             with source_errors(name):
-                self._client: NbdClient | None = NbdClient(NbdAddress("d", unix=sock),
-                                                           [ALLOCATION])
+                self._client = NbdClient(self._server.address, [ALLOCATION])
         except BaseException:
             self.close()
             raise
         self.size = self._client.size
-
-    def _wait_for(self, sock: str) -> None:
-        assert self._proc is not None
-        deadline = time.monotonic() + 30
-        while not os.path.exists(sock):
-            if self._proc.poll() is not None or time.monotonic() > deadline:
-                err = self._proc.stderr.read().decode().strip() if self._proc.stderr else ""
-                raise DiskUnreadable(f"disk {self.name}: qemu-nbd cannot export {self.path}: "
-                                     f"{err.splitlines()[-1] if err else 'timeout'}", self.name)
-            time.sleep(0.01)
 
     def extents(self) -> Iterator[Extent]:
         assert self._client is not None, "disk closed"
@@ -201,28 +184,33 @@ class ImageDisk(DiskStream):
                 "bytes_zero": self.counters.bytes_zero}
 
     def close(self) -> None:
-        client = getattr(self, "_client", None)
-        if client is not None:
-            client.close()
+        if self._client is not None:
+            self._client.close()
             self._client = None
-        if self._proc is not None:
-            if self._proc.poll() is None:
-                os.kill(self._proc.pid, signal.SIGTERM)
-                try:
-                    self._proc.wait(10)
-                except subprocess.TimeoutExpired:
-                    os.kill(self._proc.pid, signal.SIGKILL)
-                    self._proc.wait()
-            if self._proc.stderr is not None:
-                self._proc.stderr.close()
-            self._proc = None
-        shutil.rmtree(self._dir, ignore_errors=True)
+        if self._server is not None:
+            self._server.stop()
+            self._server = None
+
+
+def check_disk_path(name: str, path: str) -> None:
+    """Refuse at once what cannot be a disk (a FIFO would block the read for ever)."""
+    try:
+        mode = os.stat(path).st_mode
+    except OSError as exc:
+        raise DiskUnreadable(f"disk {name}: cannot open {path}: {exc.strerror}", name) from exc
+    if stat.S_ISREG(mode) or stat.S_ISBLK(mode):
+        return
+    kind = ("a directory" if stat.S_ISDIR(mode) else "a FIFO" if stat.S_ISFIFO(mode)
+            else "a socket" if stat.S_ISSOCK(mode) else "a character device"
+            if stat.S_ISCHR(mode) else "not a regular file")
+    raise DiskUnreadable(f"disk {name}: {path} is {kind}, not a file or block device", name)
 
 
 class FileSource(Source):
     """Raw image files named in the VM's ``disks`` table."""
 
     plugin = "file"
+    settings_keys = frozenset({"disks"})
 
     def __init__(self, vm: str, disks: Mapping[str, str]) -> None:
         self.vm = vm
@@ -246,6 +234,7 @@ class FileSource(Source):
     def begin(self, context: BackupContext) -> list[DiskStream]:
         try:
             for name, path in self.disks.items():
+                check_disk_path(name, path)
                 fmt = image_format(path)
                 self._open.append(FileDisk(name, path, context.chunk_size) if fmt == "raw"
                                   else ImageDisk(name, path, fmt))

@@ -41,7 +41,7 @@ from .nbdread import (
     source_errors,
 )
 from .qemu.bitmaps import Plan
-from .qemu.control import QemuSource, VmDisk, bitmap_count, end_job
+from .qemu.control import QEMU_KEYS, QemuSource, VmDisk, bitmap_count, end_job
 from .qemu.qmp import QmpConnection
 from .units import parse_size
 
@@ -126,6 +126,7 @@ class FleecingSource(QemuSource):
     """Pulls a running QEMU VM's disks through image fleecing."""
 
     plugin = "nbd"
+    settings_keys = QEMU_KEYS | {"scratch", "fleece_reserve"}
 
     def __init__(self, vm: str, socket: str, disks: list[str] | None = None,
                  timeout: float = 60.0, scratch: str | None = None,
@@ -262,6 +263,7 @@ class ExportSource(Source):
     """Reads one NBD export (``url``), with an optional dirty bitmap (``bitmap``)."""
 
     plugin = "nbd"
+    settings_keys = frozenset({"url", "disk", "bitmap"})
 
     def __init__(self, vm: str, url: str, disk: str, bitmap: str | None) -> None:
         self.vm = vm
@@ -322,6 +324,7 @@ class NbdSource:
     """The ``nbd`` plugin: fleecing of a VM (``socket``) or a given export (``url``)."""
 
     plugin = "nbd"
+    settings_keys = FleecingSource.settings_keys | ExportSource.settings_keys
 
     @classmethod
     def from_config(cls, vm: str, settings: Mapping[str, Any]) -> Source:

@@ -30,7 +30,7 @@ from .base import BackupContext, DiskStream, Extent
 from .errors import SourceError, SourceUnavailable, ignored
 from .nbd.errors import NbdError
 from .nbd.server import NbdServer
-from .qemu.control import QemuSource, VmDisk, bitmap_count, end_job
+from .qemu.control import QEMU_KEYS, QemuSource, VmDisk, bitmap_count, end_job
 from .qemu.pushexport import PushExport
 from .qemu.qmp import QmpConnection, QmpDisconnected
 
@@ -69,6 +69,7 @@ class QmpSource(QemuSource):
     """Backs up a running QEMU VM through its QMP socket; QEMU pushes the data."""
 
     plugin = "qmp"
+    settings_keys = QEMU_KEYS
 
     def __init__(self, vm: str, socket: str, disks: list[str] | None = None,
                  timeout: float = 60.0) -> None:

@@ -117,6 +117,8 @@ class Backend(ABC):
     local: bool = False
     #: ``create`` is atomic against concurrent creators (else check-then-write).
     atomic_create: bool = True
+    #: The settings ``from_url`` takes from the config's ``[storage]`` table.
+    option_keys: frozenset[str] = frozenset()
 
     @classmethod
     def from_url(cls, url: str, create: bool = False,

@@ -15,6 +15,7 @@ import errno
 import logging
 import os
 import secrets
+import stat
 from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
@@ -99,10 +100,20 @@ class LocalBackend(Backend):
         if create:
             try:
                 self.root.mkdir(mode=0o700, parents=True, exist_ok=True)
+            except FileExistsError:
+                raise StorageError(f"cannot create a repository at {self.root}: it exists and "
+                                   "is not a directory") from None
             except OSError as exc:
-                raise _translate(exc, None, f"cannot create {self.root}") from exc
-        elif not self.root.is_dir():
-            raise ObjectNotFound(f"{self.root} is not a directory")
+                err = _translate(exc, None, f"cannot create a repository at {self.root}")
+                if isinstance(err, ObjectNotFound):  # a missing parent we could not make
+                    err = StorageError(str(err))
+                raise err from exc
+        else:
+            try:
+                if not stat.S_ISDIR(os.stat(self.root).st_mode):
+                    raise ObjectNotFound(f"{self.root} is not a directory")
+            except OSError as exc:
+                raise _translate(exc, None, f"cannot open {self.root}") from exc
 
     @classmethod
     def from_url(cls, url: str, create: bool = False,

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import os
 import re
 from pathlib import Path
 
+import pytest
 from vmrepo import exitcodes
 from vmrepo.pack import PACK_MAGIC, TRAILER_MAGIC
 
@@ -36,3 +38,21 @@ def test_architecture_names_every_module() -> None:
             if not rel.endswith("__init__.py") and f"`{rel}`" not in section:
                 missing.append(f"{package}/{rel}")
     assert missing == []
+
+
+@pytest.mark.parametrize("document", ["README.md", "docs/operations.md"])
+def test_every_command_block_runs_as_written(document: str, tmp_path: Path) -> None:
+    import shutil
+    import subprocess
+
+    from . import docsrun
+
+    if os.geteuid() != 0 or subprocess.run(["unshare", "--mount", "--pid", "--fork", "true"],
+                                           capture_output=True).returncode != 0:
+        pytest.skip("the sandbox needs root and private mount and PID namespaces")
+    if not Path(docsrun.FAKETIME).exists() or not shutil.which("losetup"):
+        pytest.skip("the sandbox needs libfaketime (Debian faketime) and losetup")
+    results = docsrun.run(DOCS.parent / document, tmp_path)
+    assert results, f"{document} has no command to run"
+    failed = [f"{cmd!r} exited {code}:\n{out}" for cmd, code, out in results if code != 0]
+    assert not failed, "\n\n".join(failed)

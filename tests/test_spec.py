@@ -73,3 +73,14 @@ def test_no_match_lists_candidates() -> None:
 def test_malformed_specs(text: str) -> None:
     with pytest.raises(SpecError):
         parse_spec(text)
+
+
+def test_tilde_counts_back_from_the_named_snapshot() -> None:
+    assert pick("vm1@latest~1") == "bbbb3333"
+    assert pick("vm1@latest~3") == "aaaa1111"
+    assert pick("vm1@2024-05-02~2") == "aaaa2222"
+    assert str(parse_spec("vm1@latest~2")) == "vm1@latest~2"
+    with pytest.raises(SnapshotNotFound):
+        pick("vm1@latest~4")
+    with pytest.raises(SpecError):
+        parse_spec("vm1@latest~x")

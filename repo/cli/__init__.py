@@ -6,9 +6,10 @@
     repository_cmds   init, upgrade, snapshots, show, locks, unlock
     backup_cmds       snapshot, bitmaps
     restore_cmds      restore
+    insight_cmds      stats, diff, tag
 """
 
-from . import backup_cmds, repository_cmds, restore_cmds
+from . import backup_cmds, insight_cmds, repository_cmds, restore_cmds
 from .app import cli, main
 
-__all__ = ["backup_cmds", "cli", "main", "repository_cmds", "restore_cmds"]
+__all__ = ["backup_cmds", "cli", "insight_cmds", "main", "repository_cmds", "restore_cmds"]

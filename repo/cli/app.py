@@ -55,7 +55,7 @@ class Options:
         out = Options(**{f.name: getattr(self, f.name) for f in fields(self)})
         for f in fields(self):
             value = getattr(later, f.name)
-            if value not in (None, False, 0):
+            if value != f.default:  # given after the command
                 setattr(out, f.name, value)
         return out
 
@@ -201,7 +201,7 @@ def _raise_interrupt(signum: int, frame: Any) -> NoReturn:
 
 def _fail(code: int, message: str, exc: BaseException | None = None) -> NoReturn:
     click.echo(f"vmrepo: error: {message}", err=True)
-    if _current.as_json or "--json" in sys.argv[1:]:
+    if (_current.as_json or "--json" in sys.argv[1:]) and not getattr(exc, "emitted", False):
         doc: dict[str, Any] = {"error": {"message": message, "exit_code": code,
                                          "type": type(exc).__name__ if exc else None}}
         for attr in ("key", "path", "spec", "disk", "location", "holders", "candidates"):

@@ -10,10 +10,11 @@ from typing import Any, cast
 import click
 from vmrepo.sources.base import ChangeTracking, DiskStream, Source, Wanted
 
+from .. import exitcodes
 from ..backup import SnapshotOptions, take_snapshot
-from ..errors import ConfigError
+from ..errors import ConfigError, SomeFailed
 from ..locks import vm_scope
-from ..plugins import source_class
+from ..plugins import make_source
 from ..progress import progress_bar
 from ..repository import Repository
 from ..snapshots import Snapshot
@@ -22,28 +23,80 @@ from .app import Context, command
 
 
 @command()
-@click.argument("vm")
+@click.argument("vm", required=False)
+@click.option("--all", "every", is_flag=True, help="Snapshot every VM of the config.")
 @click.option("--tag", "tags", multiple=True, help="Tag the snapshot (repeatable).")
 @click.option("--full", "mode", flag_value="full", help="Read every disk in full.")
 @click.option("--differential", "mode", flag_value="differential",
               help="Read everything changed since the last full snapshot.")
-def snapshot(ctx: Context, vm: str, tags: tuple[str, ...], mode: str | None) -> None:
-    """Take a snapshot of the disks of VM."""
-    table = ctx.settings.vm(vm)
-    source = source_class(table["source"]).from_config(vm, table)
+def snapshot(ctx: Context, vm: str | None, every: bool, tags: tuple[str, ...],
+             mode: str | None) -> None:
+    """Take a snapshot of the disks of VM (or, with --all, of every VM in the config)."""
+    if every == (vm is not None):
+        raise click.UsageError("give a VM name or --all")
+    if every:
+        _snapshot_all(ctx, tags, mode or "auto")
+        return
+    assert vm is not None
+    source = make_source(ctx.settings, vm)
     r = ctx.open_repo()
     started = time.monotonic()
-    with ctx.lock(r, f"snapshot {vm}", scope=vm_scope(vm), exclusive=True) as lock:
-        assert lock is not None
-        snap = _snapshot_with_progress(ctx, r, source, vm, tags, mode or "auto", lock.check)
+    snap = _take(ctx, r, source, vm, tags, mode or "auto")
     elapsed = time.monotonic() - started
-    for d in snap.disks:
-        if d.source.get("fallback"):
-            ctx.warn(f"disk {d.name}: {d.reason}")
-    for w in snap.warnings:
-        ctx.warn(w)
     doc = snapshot_doc(snap, elapsed)
     ctx.emit(doc, lambda: print_snapshot_summary(snap, elapsed))
+
+
+def _take(ctx: Context, r: Repository, source: Source, vm: str, tags: tuple[str, ...],
+          mode: str, prefix: str = "") -> Snapshot:
+    with ctx.lock(r, f"snapshot {vm}", scope=vm_scope(vm), exclusive=True) as lock:
+        assert lock is not None
+        snap = _snapshot_with_progress(ctx, r, source, vm, tags, mode, lock.check)
+    for d in snap.disks:
+        if d.source.get("fallback"):
+            ctx.warn(f"{prefix}disk {d.name}: {d.reason}")
+    for w in snap.warnings:
+        ctx.warn(f"{prefix}{w}")
+    return snap
+
+
+def _snapshot_all(ctx: Context, tags: tuple[str, ...], mode: str) -> None:
+    """One snapshot per VM of the config, each on its own; a summary; exit code 8 if any
+    failed."""
+    vms = sorted(ctx.settings.vms)
+    if not vms:
+        raise ConfigError("--all: the config defines no VM")
+    r = ctx.open_repo()
+    done: list[tuple[Snapshot, float]] = []
+    failed: list[dict[str, Any]] = []
+    for vm in vms:
+        started = time.monotonic()
+        try:
+            snap = _take(ctx, r, make_source(ctx.settings, vm), vm, tags, mode, f"{vm}: ")
+        except Exception as exc:  # noqa: BLE001 - one VM's failure must not stop the others
+            code = exitcodes.exit_code(exc)
+            message = str(exc) if code is not None else f"internal error (a bug): {exc!r}"
+            ctx.warn(f"{vm}: {message}")
+            failed.append({"vm": vm, "error": message,
+                           "exit_code": code if code is not None else exitcodes.INTERNAL})
+            continue
+        done.append((snap, time.monotonic() - started))
+    doc = {"snapshots": [snapshot_doc(s, t) for s, t in done], "failed": failed}
+
+    def human() -> None:
+        for s, t in done:
+            added = sum(d.stats["bytes_stored"] + d.stats["bytes_manifest"] for d in s.disks)
+            click.echo(f"{s.vm:16} ok      {s.short_id}  "
+                       f"{','.join(sorted({d.taken for d in s.disks})):12} added "
+                       f"{human_bytes(added)} in {t:.1f} s")
+        for f in failed:
+            click.echo(f"{f['vm']:16} FAILED  (exit {f['exit_code']}) {f['error']}")
+        click.echo(f"{len(done)} of {len(vms)} VMs snapshotted")
+
+    ctx.emit(doc, human)
+    if failed:
+        raise SomeFailed(f"{len(failed)} of {len(vms)} VMs failed: "
+                         + ", ".join(f["vm"] for f in failed))
 
 
 def _snapshot_with_progress(ctx: Context, r: Repository, source: Source, vm: str,
@@ -104,10 +157,9 @@ def print_snapshot_summary(snap: Snapshot, elapsed: float) -> None:
               help="With --remove: remove the bitmaps of every repository.")
 def bitmaps(ctx: Context, vm: str, remove: bool, all_repositories: bool) -> None:
     """List (or remove) vmrepo's dirty bitmaps on the disks of VM."""
-    table = ctx.settings.vm(vm)
-    source = source_class(table["source"]).from_config(vm, table)
+    source = make_source(ctx.settings, vm)
     if not isinstance(source, ChangeTracking):
-        raise ConfigError(f"vm {vm}: source {table['source']!r} keeps no dirty bitmaps")
+        raise ConfigError(f"vm {vm}: source {source.plugin!r} keeps no dirty bitmaps")
     r = ctx.open_repo()
     mine = r.config.repository_id[:16]
     try:

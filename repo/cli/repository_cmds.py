@@ -3,11 +3,10 @@
 from __future__ import annotations
 
 from datetime import UTC, datetime
-from typing import Any
 
 import click
 
-from ..config import DEFAULT_PACK_SIZE, RepoConfig
+from ..config import DEFAULT_PACK_SIZE, DEFAULT_ZSTD_LEVEL, RepoConfig
 from ..locks import list_locks, remove_stale, stale_reason
 from ..plugins import open_backend
 from ..repository import Repository
@@ -22,10 +21,14 @@ from .app import Context, command
               help="Chunk size, a power of two from 64K to 4M.")
 @click.option("--pack-size", default=f"{DEFAULT_PACK_SIZE >> 20}M", show_default=True,
               help="Target size of pack files.")
-def init(ctx: Context, chunk_size: str, pack_size: str) -> None:
+@click.option("--compression", default=f"zstd:{DEFAULT_ZSTD_LEVEL}", show_default=True,
+              help="zstd:LEVEL (1 to 22) or none.")
+def init(ctx: Context, chunk_size: str, pack_size: str, compression: str) -> None:
     """Create a new repository."""
     try:
-        cfg = RepoConfig.new(parse_size(chunk_size), parse_size(pack_size))
+        algorithm, level = parse_compression(compression)
+        cfg = RepoConfig.new(parse_size(chunk_size), parse_size(pack_size),
+                             compression_level=level, compression=algorithm)
     except ValueError as exc:
         raise click.BadParameter(str(exc)) from None
     url = ctx.repo_url()
@@ -50,28 +53,50 @@ def upgrade(ctx: Context) -> None:
         else f"repository is already format {before}"))
 
 
-def snapshot_row(s: Snapshot) -> dict[str, Any]:
-    return s.to_json()
+def parse_compression(text: str) -> tuple[str, int]:
+    """``zstd:N`` or ``none``."""
+    if text == "none":
+        return "none", 0
+    algorithm, _, level = text.partition(":")
+    if algorithm != "zstd" or (level and not level.isdigit()):
+        raise ValueError(f"compression must be zstd:LEVEL or none, not {text!r}")
+    return "zstd", int(level) if level else DEFAULT_ZSTD_LEVEL
+
+
+def _added(s: Snapshot) -> int:
+    return sum(int(d.stats.get("bytes_stored", 0)) + int(d.stats.get("bytes_manifest", 0))
+               for d in s.disks)
 
 
 @command()
 @click.argument("vm", required=False)
-def snapshots(ctx: Context, vm: str | None) -> None:
+@click.option("--tag", "tags", multiple=True, metavar="TAG",
+              help="Only snapshots with this tag (repeatable: all of them).")
+@click.option("--last", type=click.IntRange(1), default=None, metavar="N",
+              help="Only the N newest snapshots of each VM.")
+def snapshots(ctx: Context, vm: str | None, tags: tuple[str, ...], last: int | None) -> None:
     """List snapshots, of one VM or all."""
-    snaps = ctx.open_repo().snapshots(vm)
+    snaps = [s for s in ctx.open_repo().snapshots(vm) if all(t in s.tags for t in tags)]
+    if last is not None:
+        by_vm: dict[str, list[Snapshot]] = {}
+        for s in snaps:
+            by_vm.setdefault(s.vm, []).append(s)
+        keep = {s.id for group in by_vm.values() for s in group[-last:]}
+        snaps = [s for s in snaps if s.id in keep]
 
     def human() -> None:
         if not snaps:
             click.echo("no snapshots")
             return
-        click.echo(f"{'ID':8}  {'VM':12}  {'TIME':19}  {'DISKS':>5}  {'SIZE':>11}  TAKEN / TAGS")
+        click.echo(f"{'ID':8}  {'VM':12}  {'TIME':19}  {'DISKS':>5}  {'SIZE':>10}  "
+                   f"{'ADDED':>10}  {'TAKEN':11}  TAGS")
         for s in snaps:
             taken = ",".join(sorted({d.taken for d in s.disks}))
             click.echo(f"{s.short_id:8}  {s.vm:12}  {s.time.astimezone():%Y-%m-%d %H:%M:%S}  "
-                       f"{len(s.disks):>5}  {human_bytes(sum(d.size for d in s.disks)):>11}  "
-                       f"{taken}{' ' + ','.join(s.tags) if s.tags else ''}")
+                       f"{len(s.disks):>5}  {human_bytes(sum(d.size for d in s.disks)):>10}  "
+                       f"{human_bytes(_added(s)):>10}  {taken:11}  {','.join(s.tags) or '-'}")
 
-    ctx.emit({"snapshots": [snapshot_row(s) for s in snaps]}, human)
+    ctx.emit({"snapshots": [{**s.to_json(), "added": _added(s)} for s in snaps]}, human)
 
 
 @command()

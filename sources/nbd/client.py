@@ -10,7 +10,10 @@ offline images exported privately.
 * :meth:`NbdClient.block_status` loops until the whole range is described;
 * :meth:`NbdClient.read_ranges` keeps several READs in flight, splits them at
   the server's maximum block size and receives data straight into the
-  result buffers; hole chunks are zeros.
+  result buffers; hole chunks are zeros;
+* :meth:`NbdClient.write` and :meth:`NbdClient.write_zeroes` keep several
+  writes in flight; :meth:`NbdClient.flush` collects them and makes them
+  durable.
 
 Every protocol violation raises :class:`NbdProtocolError`; an error reply
 raises :class:`NbdRequestError` carrying the NBD error code.
@@ -102,7 +105,7 @@ def _recv_into(sock: socket.socket, view: memoryview) -> None:
         view = view[n:]
 
 
-def _send(sock: socket.socket, data: bytes) -> None:
+def _send(sock: socket.socket, data: bytes | memoryview) -> None:
     try:
         sock.sendall(data)
     except OSError as exc:
@@ -127,6 +130,10 @@ class NbdClient:
         self.structured = False
         self.contexts: dict[str, int] = {}
         self._cookie = 0
+        #: Writes in flight (cookie -> what), the first write error, and how many may wait.
+        self._writes: dict[int, str] = {}
+        self._write_error: NbdRequestError | None = None
+        self.write_depth = 8
         try:
             if address.unix:
                 self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
@@ -302,6 +309,89 @@ class NbdClient:
                         self._receive_read_chunk(states)
                 raise head.error
             yield head.offset, head.buf, head.holes
+
+    # -- writing -----------------------------------------------------------
+
+    @property
+    def writable(self) -> bool:
+        return not self.flags & p.TFLAG_READ_ONLY
+
+    def _send_write(self, cmd: int, offset: int, length: int, payload: bytes | memoryview,
+                    flags: int = 0) -> None:
+        if offset < 0 or length < 0 or offset + length > self.size:
+            raise NbdRequestError(f"write {offset}+{length} outside export of {self.size} "
+                                  "bytes", p.EINVAL)
+        cookie = self._request(cmd, offset, length, flags)
+        if payload:
+            _send(self.sock, payload)
+        self._writes[cookie] = f"{'write' if cmd == p.CMD_WRITE else 'zero'} {offset}+{length}"
+        while len(self._writes) > self.write_depth:
+            self._write_reply()
+
+    def _write_reply(self) -> None:
+        """Collect one reply to a write, zero or flush request."""
+        magic, flags, rtype, cookie, clen = self._chunk_header()
+        what = self._writes.pop(cookie, None)
+        if what is None:
+            raise NbdProtocolError(f"reply for unknown request {cookie}")
+        error: NbdRequestError | None = None
+        while True:
+            if magic == p.SIMPLE_REPLY_MAGIC:
+                if rtype:
+                    error = NbdRequestError(f"{what} failed: {p.error_name(rtype)}", rtype)
+                break
+            payload = _recv(self.sock, clen) if clen else b""
+            if rtype in (p.REPLY_TYPE_ERROR, p.REPLY_TYPE_ERROR_OFFSET):
+                error = self._error_chunk(rtype, payload, what)
+            elif rtype != p.REPLY_TYPE_NONE:
+                raise NbdProtocolError(f"unexpected chunk type {rtype} in a {what} reply")
+            if flags & p.REPLY_FLAG_DONE:
+                break
+            magic, flags, rtype, rcookie, clen = self._chunk_header()
+            if rcookie != cookie:
+                raise NbdProtocolError("interleaved reply to a write")
+        if error is not None:
+            self._write_error = self._write_error or error
+
+    def write(self, offset: int, data: bytes | bytearray | memoryview) -> None:
+        """Write ``data`` at ``offset``; up to :attr:`write_depth` writes stay in flight, and
+        a failure is raised by a later call (at the latest :meth:`flush`)."""
+        self._raise_write_error()
+        view = memoryview(data).cast("B")
+        step = max(1, min(self.max_block, 32 << 20))
+        for start in range(0, len(view), step):
+            piece = view[start : start + step]
+            self._send_write(p.CMD_WRITE, offset + start, len(piece), piece)
+
+    def write_zeroes(self, offset: int, length: int, *, trim: bool = True) -> None:
+        """Make ``[offset, offset+length)`` read as zeros (as holes where ``trim``)."""
+        self._raise_write_error()
+        if not self.flags & p.TFLAG_SEND_WRITE_ZEROES:
+            zeros = bytes(min(length, 1 << 20))
+            for start in range(0, length, len(zeros)):
+                n = min(len(zeros), length - start)
+                self._send_write(p.CMD_WRITE, offset + start, n, zeros[:n])
+            return
+        flags = 0 if trim else p.CMD_FLAG_NO_HOLE
+        step = 1 << 30
+        for start in range(0, length, step):
+            n = min(step, length - start)
+            self._send_write(p.CMD_WRITE_ZEROES, offset + start, n, b"", flags)
+
+    def flush(self) -> None:
+        """Wait for every write, raise the first failure, then make them durable."""
+        while self._writes:
+            self._write_reply()
+        self._raise_write_error()
+        if self.flags & p.TFLAG_SEND_FLUSH:
+            cookie = self._request(p.CMD_FLUSH, 0, 0)
+            self._writes[cookie] = "flush"
+            self._write_reply()
+            self._raise_write_error()
+
+    def _raise_write_error(self) -> None:
+        if self._write_error is not None:
+            raise self._write_error
 
     def pread(self, offset: int, length: int) -> bytes:
         return b"".join(bytes(d) for _, d, _ in self.read_ranges([(offset, length)]))

@@ -201,6 +201,10 @@ def cleanup_leftovers(conn: QmpConnection, repository_id: str) -> list[str]:
     return removed
 
 
+#: Settings every QEMU source takes.
+QEMU_KEYS = frozenset({"socket", "disks", "timeout"})
+
+
 class QemuSource(Source, ChangeTracking):
     """The part of a QEMU source common to push and pull: settings, plans, bitmaps."""
 
