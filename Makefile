@@ -9,14 +9,16 @@ PY := $(VENV)/bin/python
 # command:package pairs checked before each target
 SYSTEM_DEPS := qemu-img:qemu-utils qemu-io:qemu-utils qemu-system-x86_64:qemu-system-x86 \
 	nbdinfo:libnbd-bin
+# what only the tests need: a fake clock for the docs sandbox, loop devices
+TEST_DEPS := faketime:faketime losetup:mount
 BENCH_DEPS := borg:borgbackup restic:restic
 
-.PHONY: demo test bench lint system-deps bench-deps clean
+.PHONY: demo test bench lint system-deps bench-deps test-deps clean
 
 demo: system-deps $(VENV)/.installed
 	$(PY) -m vmrepo.demo
 
-test: system-deps $(VENV)/.installed
+test: system-deps test-deps $(VENV)/.installed
 	$(PY) -m pytest -q $(PYTEST_ARGS)
 
 lint: $(VENV)/.installed
@@ -24,7 +26,8 @@ lint: $(VENV)/.installed
 	MYPY=$(abspath $(VENV))/bin/mypy ./.ci/typecheck
 
 bench: system-deps bench-deps $(VENV)/.installed
-	$(PY) bench/snapshot_bench.py $(BENCH_ARGS)
+	$(PY) bench/bench.py $(BENCH_ARGS)
+	$(PY) bench/index_bench.py
 	$(PY) bench/nbd_read_bench.py
 
 system-deps:
@@ -33,6 +36,9 @@ system-deps:
 
 bench-deps:
 	@./.ci/apt-ensure $(BENCH_DEPS)
+
+test-deps:
+	@./.ci/apt-ensure $(TEST_DEPS)
 
 $(VENV)/.installed: pyproject.toml
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
