@@ -83,6 +83,9 @@ class SnapshotOptions:
     on_begin: Callable[[list[DiskStream]], None] | None = None
     #: Called as the snapshot goes; raises to stop it (e.g. the lock was lost).
     check: Callable[[], None] | None = None
+    #: A snapshot to reproduce (a copy into a repository with other parameters): its id,
+    #: time, host, tags and how each disk was taken are kept.
+    like: Snapshot | None = None
 
 
 def history_for(snapshots: Sequence[Snapshot]) -> dict[str, list[PriorSnapshot]]:
@@ -193,14 +196,27 @@ def _base_manifest(repo: Repository, disk: DiskStream,
     return manifest
 
 
+def _reproduce(snap: Snapshot, like: Snapshot) -> None:
+    """Give ``snap`` the identity of the snapshot it copies (its data is its own)."""
+    snap.host, snap.tags, snap.source, snap.source_info = like.host, list(like.tags), \
+        like.source, dict(like.source_info)
+    snap.program = like.program or snap.program
+    for rec in snap.disks:
+        old = like.disk(rec.name)
+        if old is not None:
+            rec.taken, rec.reason, rec.base, rec.source = old.taken, old.reason, old.base, \
+                dict(old.source)
+
+
 def take_snapshot(repo: Repository, source: Source, opts: SnapshotOptions) -> Snapshot:
     """Back up every disk ``source`` offers and commit one snapshot record."""
     prior = repo.snapshots(opts.vm)
     by_id = {s.id: s for s in prior}
-    snap_id = new_snapshot_id()
+    like = opts.like
+    snap_id = like.id if like is not None else new_snapshot_id()
     context = BackupContext(repo.config.repository_id, repo.config.chunk_size, snap_id,
                             opts.wanted, history_for(prior))
-    started = opts.clock()
+    started = like.time if like is not None else opts.clock()
     repo.require_current_format("taking a snapshot")
     repo.only_existing_packs()  # never deduplicate against a missing pack
     session = repo.session(check=opts.check)
@@ -228,6 +244,8 @@ def take_snapshot(repo: Repository, source: Source, opts: SnapshotOptions) -> Sn
             source=source.plugin, disks=records, tags=list(opts.tags),
             source_info=source.info(), program=f"vmrepo {__version__}",
         )
+        if like is not None:
+            _reproduce(snap, like)
         save_snapshot(repo.store, snap)
     except BaseException:
         session.abort()

@@ -232,21 +232,29 @@ class Index:
     # -- keeping up with the repository --------------------------------------
 
     def sync(self, store: RepoStore) -> None:
-        """Bring the index up to date with the repository's segments."""
+        """Bring the index up to date with the repository's segments.
+
+        Lookups go on while it runs (it may be called during a session, to see what other
+        writers have indexed since); the new runs replace the old at once.
+        """
         listing = store.listing(INDEX_PREFIX, lambda k: parse_hex_name(k, INDEX_PREFIX) is not None)
         present = {bytes.fromhex(i.key[len(INDEX_PREFIX):]) for i in listing}
         store.forget_cached(INDEX_PREFIX, (index_key(s) for s in present))
-        with self._lock, self._flock():
+        with self._lock:
+            held = set(self._mem_segments)
+        with self._flock():
             state = self._read_state()
             covered = state.covered
             fresh: dict[bytes, Segment] = {}
             superseded = set(state.superseded)
-            for sid in sorted(present - covered - superseded):
+            for sid in sorted(present - covered - superseded - held):
                 seg = self._load(store, sid)
                 if seg is not None:
                     fresh[sid] = seg
                     superseded |= set(seg.supersedes)
-            if (covered - present) or (covered & superseded) or not self._runs_exist(state):
+            rebuilt = bool((covered - present) or (covered & superseded)
+                           or not self._runs_exist(state))
+            if rebuilt:
                 log.info("rebuilding the local index (%d segments)", len(present))
                 state = self._rebuild(store, listing)
                 fresh = {}
@@ -257,16 +265,32 @@ class Index:
                     run = write_run(self._new_run_path(), [_source(s, sid) for sid, s in
                                                            sorted(small.items())])
                     state.runs.append(_RunState(run.path.name, set(small), run.n))
+                    run.close()
                     small = {}
                 state = self._compact(state)
                 fresh = small
             self._write_state(state)
-            self._open_runs(state)
-            self._covered = set(state.covered)
-            self._mem.clear()
-            self._mem_count = 0
-            self._mem_segments.clear()
-            self._mem_pack_sizes = {}
+            with self._lock:
+                current = {run.path.name: run for run in self._runs}
+            runs = [current.get(r.file) or Run(self.directory / r.file) for r in state.runs]
+        keep = held & present - state.covered - state.superseded
+        reload = rebuilt or keep != held
+        with self._lock:
+            if [r.path.name for r in runs] != [r.path.name for r in self._runs]:
+                self._retired += [r for r in self._runs if r not in runs]
+                self._runs = runs
+                self._run_ok.clear()
+            self._covered = set(state.covered) | (set() if reload else keep)
+            if reload:
+                self._mem.clear()
+                self._mem_count = 0
+                self._mem_segments.clear()
+                self._mem_pack_sizes = {}
+        if reload:  # what this process held in memory and the runs do not cover yet
+            for sid in sorted(keep):
+                seg = self._load(store, sid)
+                if seg is not None:
+                    fresh[sid] = seg
         for sid, seg in sorted(fresh.items()):
             self.publish(sid, seg)
         self.synced = True
@@ -392,8 +416,9 @@ class Index:
                     log.debug("cannot remove old index run %s: %s", p, exc)
 
     def _open_runs(self, state: _State) -> None:
+        runs = [Run(self.directory / r.file) for r in state.runs]
         self._retired += self._runs
-        self._runs = [Run(self.directory / r.file) for r in state.runs]
+        self._runs = runs
         self._run_ok.clear()
 
     def close(self) -> None:

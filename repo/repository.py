@@ -125,10 +125,15 @@ class Repository:
             self._packs[pack_id] = size
 
     def only_existing_packs(self) -> None:
-        """Let lookups use only entries in packs that exist (a snapshot must not build on
-        missing data); costs one listing of the packs."""
-        packs = self.existing_packs()
-        self.index.set_pack_filter(packs.__contains__)
+        """Let lookups skip entries in packs that are missing (a snapshot must not build on
+        missing data); costs one listing of the packs. Packs named by segments that appear
+        later (other writers') are accepted: a segment is written after its packs."""
+        existing = self.existing_packs()
+        missing = {pid for pid in self.index.packs() if pid not in existing}
+        if missing:
+            log.info("%d packs the index names are missing: their blobs will be stored again",
+                     len(missing))
+        self.index.set_pack_filter(lambda pid: pid not in missing)
 
     def session(self, check: Callable[[], None] | None = None, **kw: Any) -> WriteSession:
         self.require_current_format("writing")

@@ -50,11 +50,21 @@ class SessionStats:
     segments: int = 0
 
 
+@dataclass
+class _Ready:
+    """A whole pack to store as it is."""
+
+    pack_id: bytes
+    data: bytes
+    entries: list[BlobEntry]
+
+
 class WriteSession:
     """One writer's session against a repository."""
 
     def __init__(self, repo: Repository, *, flush_packs: int = 8, flush_seconds: float = 30.0,
-                 max_queued: int = 1, check: Callable[[], None] | None = None) -> None:
+                 max_queued: int = 1, check: Callable[[], None] | None = None,
+                 refresh: bool = True) -> None:
         self.repo = repo
         self.store = repo.store
         self.index = repo.index
@@ -62,6 +72,8 @@ class WriteSession:
         self.flush_packs = flush_packs
         self.flush_seconds = flush_seconds
         self.check = check
+        #: Re-read the index after each segment, to reuse what other writers stored since.
+        self.refresh = refresh
         self.stats = SessionStats()
         self.segment_keys: list[str] = []
         self._lock = threading.Lock()
@@ -71,7 +83,7 @@ class WriteSession:
         #: Packs stored but not yet named by a durable segment: (id, size, entries).
         self._unindexed: list[tuple[bytes, int, list[BlobEntry]]] = []
         self._last_flush = time.monotonic()
-        self._queue: queue.Queue[PackBuilder | None] = queue.Queue(max_queued)
+        self._queue: queue.Queue[PackBuilder | _Ready | None] = queue.Queue(max_queued)
         self._error: BaseException | None = None
         self._uploader: threading.Thread | None = None
         self._closed = False
@@ -85,27 +97,55 @@ class WriteSession:
 
     def add(self, blob_id: bytes, btype: BlobType, data: bytes | bytearray) -> int:
         """Store ``data`` unless known; return the stored bytes it added (0 if deduplicated)."""
+        if not self._claim(blob_id):
+            return 0
+        stored = self.store.codec.encode_blob(blob_id, data)
+        self._append(blob_id, btype, stored, len(data))
+        return len(stored)
+
+    def add_stored(self, blob_id: bytes, btype: BlobType, stored: bytes, raw_length: int) -> int:
+        """Store a blob already in stored form (from a repository with the same keys),
+        unless known; return the stored bytes it added."""
+        if not self._claim(blob_id):
+            return 0
+        self._append(blob_id, btype, stored, raw_length)
+        return len(stored)
+
+    def add_pack(self, pack_id: bytes, data: bytes, entries: list[BlobEntry]) -> None:
+        """Store a whole pack as it is (its id is the keyed hash of ``data``); its blobs become
+        known like any others once the segment naming it is durable."""
+        self._raise_upload_error()
+        with self._lock:
+            self._pending.update(e.id for e in entries)
+            self.stats.blobs_new += len(entries)
+            self.stats.raw_bytes_new += sum(e.raw_length for e in entries)
+            self.stats.stored_bytes_new += sum(e.length for e in entries)
+        self._enqueue(_Ready(pack_id, data, entries))
+
+    def _claim(self, blob_id: bytes) -> bool:
+        """Whether this session must store the blob (it is neither indexed nor pending)."""
         self._raise_upload_error()
         if self.check is not None:
             self.check()
         if self.known(blob_id):
-            return 0
+            return False
         with self._lock:
             if blob_id in self._pending:
-                return 0
+                return False
             self._pending.add(blob_id)
-        stored = self.store.codec.encode_blob(blob_id, data)
+        return True
+
+    def _append(self, blob_id: bytes, btype: BlobType, stored: bytes, raw_length: int) -> None:
         full: PackBuilder | None = None
         with self._lock:
-            self._builder.add(blob_id, btype, stored, len(data))
+            self._builder.add(blob_id, btype, stored, raw_length)
             self.stats.blobs_new += 1
-            self.stats.raw_bytes_new += len(data)
+            self.stats.raw_bytes_new += raw_length
             self.stats.stored_bytes_new += len(stored)
             if self._builder.size >= self.pack_size:
                 full, self._builder = self._builder, PackBuilder()
         if full is not None:
             self._enqueue(full)
-        return len(stored)
 
     # -- the uploader --------------------------------------------------------
 
@@ -113,7 +153,7 @@ class WriteSession:
         if self._error is not None:
             raise self._error
 
-    def _enqueue(self, builder: PackBuilder) -> None:
+    def _enqueue(self, builder: PackBuilder | _Ready) -> None:
         with self._lock:
             if self._uploader is None:
                 self._uploader = threading.Thread(target=self._upload_loop,
@@ -134,13 +174,16 @@ class WriteSession:
                     self._store(builder)
                     if (len(self._unindexed) >= self.flush_packs
                             or time.monotonic() - self._last_flush >= self.flush_seconds):
-                        self._flush(publish=True)
+                        self._flush(publish=True, refresh=True)
                 except BaseException as exc:  # noqa: BLE001 - re-raised in the caller's thread
                     self._error = exc
 
-    def _store(self, builder: PackBuilder) -> None:
-        entries = list(builder.entries)
-        pack_id, parts = builder.seal(self.store.hasher, self.store.codec)
+    def _store(self, builder: PackBuilder | _Ready) -> None:
+        if isinstance(builder, _Ready):
+            pack_id, parts, entries = builder.pack_id, [builder.data], builder.entries
+        else:
+            entries = list(builder.entries)
+            pack_id, parts = builder.seal(self.store.hasher, self.store.codec)
         self.store.put_pack(pack_id, parts)
         size = sum(len(p) for p in parts)
         self.repo.note_pack(pack_id, size)
@@ -149,8 +192,9 @@ class WriteSession:
             self.stats.packs += 1
             self.stats.pack_bytes += size
 
-    def _flush(self, publish: bool) -> None:
-        """Write a segment naming the stored packs; publish it to the index if asked."""
+    def _flush(self, publish: bool, refresh: bool = False) -> None:
+        """Write a segment naming the stored packs; publish it to the index if asked (and
+        then, with ``refresh``, pick up what other writers indexed meanwhile)."""
         with self._lock:
             packs, self._unindexed = self._unindexed, []
         self._last_flush = time.monotonic()
@@ -166,6 +210,8 @@ class WriteSession:
             self.index.publish(seg_id, Segment(ids, list(sizes), entries))
             with self._lock:
                 self._pending.difference_update(e.id for _, _, es in packs for e in es)
+            if refresh and self.refresh:
+                self.index.sync(self.store)
 
     def _stop_uploader(self) -> None:
         if self._uploader is not None:

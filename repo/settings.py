@@ -19,8 +19,10 @@ from .errors import ConfigError
 from .spec import VM_NAME_RE
 
 #: Keys of the config file's top level, and the core's own keys of a VM's table.
-TOP_KEYS = frozenset({"repository", "vm", "storage"})
+TOP_KEYS = frozenset({"repository", "vm", "storage", "remote"})
 CORE_VM_KEYS = frozenset({"source"})
+#: The core's own keys of a ``[remote.NAME]`` table (the rest are storage settings).
+REMOTE_KEYS = frozenset({"repository"})
 
 SEARCH_PATH = (
     Path("vmrepo.toml"),
@@ -36,6 +38,16 @@ class Settings:
     vms: dict[str, dict[str, Any]] = field(default_factory=dict)
     #: Settings for the repository's storage backend (``[storage]``: endpoint, region, ...).
     storage: dict[str, Any] = field(default_factory=dict)
+    #: Other repositories by name (``[remote.NAME]``: ``repository`` and storage settings).
+    remotes: dict[str, dict[str, Any]] = field(default_factory=dict)
+
+    def location(self, name_or_url: str) -> tuple[str, dict[str, Any]]:
+        """A remote's repository URL and storage settings, or a URL or path as it is."""
+        remote = self.remotes.get(name_or_url)
+        if remote is None:
+            return name_or_url, {}
+        options = {k: v for k, v in remote.items() if k not in REMOTE_KEYS}
+        return str(remote["repository"]), options
 
     def vm(self, name: str) -> dict[str, Any]:
         """The table of VM ``name``; ConfigError naming the known VMs otherwise."""
@@ -110,4 +122,13 @@ def load_settings(explicit: str | None, env: Mapping[str, str] = os.environ) -> 
     storage = doc.get("storage", {})
     if not isinstance(storage, dict):
         raise ConfigError(f"config file {path}: [storage] must be a table", str(path))
-    return Settings(path, os.path.expanduser(repo) if repo else None, vms, storage)
+    remotes = doc.get("remote", {})
+    if not isinstance(remotes, dict) or not all(isinstance(t, dict) for t in remotes.values()):
+        raise ConfigError(f"config file {path}: [remote.NAME] tables expected", str(path))
+    for name, table in remotes.items():
+        if not isinstance(table.get("repository"), str) or not table["repository"]:
+            raise ConfigError(f"config file {path}: remote {name} needs repository = \"...\"",
+                              str(path))
+        if "://" not in table["repository"] and not table["repository"].startswith("/"):
+            table["repository"] = str((path.parent / table["repository"]).absolute())
+    return Settings(path, os.path.expanduser(repo) if repo else None, vms, storage, remotes)

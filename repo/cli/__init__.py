@@ -7,9 +7,11 @@
     backup_cmds       snapshot, bitmaps
     restore_cmds      restore
     insight_cmds      stats, diff, tag
+    copy_cmds         copy
 """
 
-from . import backup_cmds, insight_cmds, repository_cmds, restore_cmds
+from . import backup_cmds, copy_cmds, insight_cmds, repository_cmds, restore_cmds
 from .app import cli, main
 
-__all__ = ["backup_cmds", "cli", "insight_cmds", "main", "repository_cmds", "restore_cmds"]
+__all__ = ["backup_cmds", "cli", "copy_cmds", "insight_cmds", "main", "repository_cmds",
+           "restore_cmds"]

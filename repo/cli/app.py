@@ -24,6 +24,7 @@ from dataclasses import dataclass, field, fields
 from typing import Any, NoReturn, TypeVar
 
 import click
+from vmrepo.storage.base import Backend
 from vmrepo.storage.errors import StoragePermission
 
 from .. import __version__, exitcodes, logs
@@ -131,10 +132,18 @@ class Context:
             self._warned.add(message)
             click.echo(f"vmrepo: warning: {message}", err=True)
 
-    def open_repo(self, url: str | None = None) -> Repository:
-        return Repository.open(open_backend(url or self.repo_url(),
-                                            options=self.settings.storage),
-                               report=self.report)
+    def backend_for(self, name_or_url: str | None = None, create: bool = False) -> Backend:
+        """The backend of the main repository (``-r``, else the config) or of another one:
+        a ``[remote.NAME]`` by name (with its storage settings), or a URL or path. The main
+        repository, when it is not a remote, takes the ``[storage]`` settings."""
+        target = name_or_url if name_or_url is not None else self.repo_url()
+        url, options = self.settings.location(target)
+        if name_or_url is None and target not in self.settings.remotes:
+            options = self.settings.storage
+        return open_backend(url, create=create, options=options)
+
+    def open_repo(self, name_or_url: str | None = None) -> Repository:
+        return Repository.open(self.backend_for(name_or_url), report=self.report)
 
     def show_progress(self) -> bool:
         return not self.as_json and self.opts.progress is not False

@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
 from datetime import UTC, datetime
 
 import click
 
 from ..config import DEFAULT_PACK_SIZE, DEFAULT_ZSTD_LEVEL, RepoConfig
 from ..locks import list_locks, remove_stale, stale_reason
-from ..plugins import open_backend
 from ..repository import Repository
 from ..snapshots import Snapshot
 from ..spec import parse_spec, resolve
@@ -23,7 +23,11 @@ from .app import Context, command
               help="Target size of pack files.")
 @click.option("--compression", default=f"zstd:{DEFAULT_ZSTD_LEVEL}", show_default=True,
               help="zstd:LEVEL (1 to 22) or none.")
-def init(ctx: Context, chunk_size: str, pack_size: str, compression: str) -> None:
+@click.option("--copy-params-from", metavar="REPO|REMOTE",
+              help="Take chunk size, hash key and the other parameters from this repository, "
+                   "so that `vmrepo copy` between the two moves blobs as they are stored.")
+def init(ctx: Context, chunk_size: str, pack_size: str, compression: str,
+         copy_params_from: str | None) -> None:
     """Create a new repository."""
     try:
         algorithm, level = parse_compression(compression)
@@ -31,9 +35,13 @@ def init(ctx: Context, chunk_size: str, pack_size: str, compression: str) -> Non
                              compression_level=level, compression=algorithm)
     except ValueError as exc:
         raise click.BadParameter(str(exc)) from None
-    url = ctx.repo_url()
-    r = Repository.init(open_backend(url, create=True, options=ctx.settings.storage), cfg,
-                        report=ctx.report)
+    if copy_params_from:
+        src = ctx.open_repo(copy_params_from)
+        cfg = replace(cfg, chunk_size=src.config.chunk_size, hash_key=src.config.hash_key,
+                      page_entries=src.config.page_entries, pack_size=src.config.pack_size,
+                      compression=src.config.compression,
+                      compression_level=src.config.compression_level)
+    r = Repository.init(ctx.backend_for(create=True), cfg, report=ctx.report)
     doc = {"repository": r.backend.location, **cfg.summary()}
     ctx.emit(doc, lambda: click.echo(
         f"created repository {cfg.repository_id} at {r.backend.location} "

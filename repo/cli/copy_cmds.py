@@ -1,0 +1,62 @@
+"""The copy command: snapshots to another repository (an offsite copy), only what it lacks."""
+
+from __future__ import annotations
+
+import time
+
+import click
+
+from ..copy import copy_snapshots
+from ..snapshots import Snapshot
+from ..spec import VM_NAME_RE, parse_spec, resolve
+from ..units import human_bytes
+from .app import Context, command
+
+
+def select(snaps: list[Snapshot], specs: tuple[str, ...]) -> list[Snapshot]:
+    """Every snapshot, or those of the VMs and VM@WHEN specs named."""
+    if not specs:
+        return snaps
+    chosen: dict[str, Snapshot] = {}
+    for spec in specs:
+        if "@" not in spec and VM_NAME_RE.fullmatch(spec):
+            chosen.update((s.id, s) for s in snaps if s.vm == spec)
+        else:
+            s = resolve(parse_spec(spec), snaps)
+            chosen[s.id] = s
+    return sorted(chosen.values(), key=lambda s: (s.time, s.id))
+
+
+@command()
+@click.argument("specs", nargs=-1, metavar="[VM | VM@WHEN]...")
+@click.option("--to", "to", required=True, metavar="REPO|REMOTE",
+              help="The destination: a [remote.NAME] of the config, or a URL or path.")
+def copy(ctx: Context, specs: tuple[str, ...], to: str) -> None:
+    """Copy snapshots the destination lacks (all, or those named), sending only the blobs it
+    lacks."""
+    src = ctx.open_repo()
+    dst = ctx.open_repo(to)
+    started = time.monotonic()
+    snaps = select(src.snapshots(), specs)
+    with ctx.lock(src, f"copy to {to}", read_only=True) as held_src, \
+            ctx.lock(dst, f"copy from {src.config.repository_id[:8]}") as held_dst:
+        stats = copy_snapshots(src, dst, snaps,
+                               check_src=held_src.check if held_src else None,
+                               check_dst=held_dst.check if held_dst else None)
+    elapsed = time.monotonic() - started
+    if stats.transcoded:
+        ctx.warn(f"{to} has other parameters (chunk size, hash key): the snapshots were "
+                 "rebuilt there, which is slower; `init --copy-params-from` avoids it")
+    doc = {"to": dst.backend.location, **stats.as_dict(), "seconds": round(elapsed, 3)}
+
+    def human() -> None:
+        if not stats.snapshots:
+            click.echo(f"nothing to copy: {dst.backend.location} has all {len(snaps)} "
+                       "snapshots already (0 bytes sent)")
+            return
+        click.echo(f"copied {stats.snapshots} snapshots to {dst.backend.location} "
+                   f"({stats.already_there} already there): sent {human_bytes(stats.bytes_sent)}"
+                   f" in {stats.blobs_sent} blobs ({stats.packs_whole} whole packs) in "
+                   f"{elapsed:.1f} s")
+
+    ctx.emit(doc, human)
