@@ -180,9 +180,23 @@ class BackendWrapper(Backend):
     def __init__(self, inner: Backend) -> None:
         self.inner = inner
         self.location = inner.location
-        self.concurrency = inner.concurrency
-        self.local = inner.local
-        self.atomic_create = inner.atomic_create
+
+    # What the wrapped store is like may change as it learns (S3 probes conditional writes).
+    @property
+    def concurrency(self) -> int:  # type: ignore[override]
+        return self.inner.concurrency
+
+    @property
+    def local(self) -> bool:
+        return self.inner.local
+
+    @local.setter
+    def local(self, value: bool) -> None:
+        self.inner.local = value
+
+    @property
+    def atomic_create(self) -> bool:  # type: ignore[override]
+        return self.inner.atomic_create
 
     def put(self, key: str, data: Payload) -> None:
         self.inner.put(key, data)

@@ -1,0 +1,416 @@
+"""Amazon S3 backend (and S3-compatible stores: Ceph RGW, MinIO, ...), on boto3.
+
+``s3://BUCKET/PREFIX`` keeps each object under ``PREFIX/KEY`` in ``BUCKET``;
+the prefix is optional and may contain slashes. The ``[storage]`` table may
+set ``endpoint``, ``region``, ``addressing_style`` (``path``, ``virtual`` or
+``auto``), ``profile``, ``concurrency`` (requests in parallel, default 16),
+``connect_timeout`` and ``read_timeout`` (seconds) and ``conditional_writes``
+(below). Whatever it leaves out boto3 takes from the standard AWS environment
+and files (``AWS_ENDPOINT_URL``, ``AWS_PROFILE``, ``AWS_ACCESS_KEY_ID``,
+``AWS_DEFAULT_REGION``, ``~/.aws/...``). Credentials are boto3's business: this
+module never reads, logs or keeps them, and no message it makes carries them
+(nor the server's own text of a refused request).
+
+* ``put`` is one PutObject, atomic on S3, with a Content-MD5 that the store
+  checks against the body it received (a body damaged on the way is refused).
+* ``create`` is a PutObject with ``If-None-Match: *`` where the store honours
+  it: 412 means the object exists, 409 (a concurrent conditional write) is
+  transient. Some stores reject the header (501), some silently ignore it:
+  the first ``create`` of a backend finds out by a probe (two conditional puts
+  of ``tmp/create-probe-<random>``, the second must fail; then it is deleted)
+  unless ``conditional_writes = true/false`` says. Without conditional writes
+  ``create`` asks HeadObject, then puts, and ``atomic_create`` becomes False:
+  two racing creators may both succeed. vmrepo's callers tolerate that: locks
+  write unique keys and list again after writing; ``init`` writes the config.
+* ``get`` of a range is a ranged GetObject. S3 answers a range running past
+  the end with fewer bytes, so the length received is checked: an object
+  shorter than the range is a StorageError, a body cut short a TransientError.
+* Retrying is not boto3's job here (its own retries are off) but that of the
+  RetryingBackend wrapper: every failure that may pass on a retry raises
+  TransientError (throttling, 500/502/503/504, timeouts, resets, short bodies).
+  Missing objects and buckets raise ObjectNotFound, refused access
+  StoragePermission, quotas StorageFull, anything else BackendUnavailable.
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import http.client
+import logging
+import re
+import secrets
+import threading
+from collections.abc import Iterator, Mapping
+from datetime import datetime
+from typing import Any
+from urllib.parse import urlsplit
+
+import boto3
+import urllib3.exceptions
+from botocore.config import Config
+from botocore.exceptions import (
+    BotoCoreError,
+    ClientError,
+    HTTPClientError,
+    IncompleteReadError,
+    NoCredentialsError,
+    PartialCredentialsError,
+)
+from botocore.exceptions import ConnectionError as BotoConnectionError
+
+from .base import (
+    Backend,
+    ObjectInfo,
+    Payload,
+    check_range,
+    payload_parts,
+    validate_key,
+    validate_prefix,
+)
+from .errors import (
+    BackendUnavailable,
+    ObjectExists,
+    ObjectNotFound,
+    StorageError,
+    StorageFull,
+    StoragePermission,
+    TransientError,
+)
+
+log = logging.getLogger(__name__)
+
+_NOT_FOUND = frozenset({"NoSuchKey", "NoSuchBucket", "NotFound", "404"})
+_DENIED = frozenset({"AccessDenied", "Forbidden", "403", "InvalidAccessKeyId",
+                     "SignatureDoesNotMatch", "InvalidToken", "ExpiredToken",
+                     "AllAccessDisabled", "AccountProblem"})
+_TRANSIENT = frozenset({"SlowDown", "InternalError", "RequestTimeout", "ServiceUnavailable",
+                        "Throttling", "ThrottlingException", "TooManyRequests",
+                        "RequestTimeTooSkewed", "ConditionalRequestConflict",
+                        "OperationAborted"})
+_TRANSIENT_STATUS = frozenset({408, 429, 500, 502, 503, 504})
+_FULL = frozenset({"QuotaExceeded", "EntityTooLarge", "XMinioStorageFull"})
+#: What a store that does not know ``If-None-Match`` on PutObject answers.
+_UNSUPPORTED = frozenset({"NotImplemented", "InvalidArgument"})
+_TRANSIENT_EXC = (BotoConnectionError, HTTPClientError, IncompleteReadError,
+                  urllib3.exceptions.HTTPError, http.client.HTTPException, OSError)
+_BUCKET_RE = re.compile(r"[A-Za-z0-9._-]{1,255}")
+
+
+def _code(exc: ClientError) -> str:
+    return str(exc.response.get("Error", {}).get("Code", ""))
+
+
+def _status(exc: ClientError) -> int:
+    return int(exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode", 0) or 0)
+
+
+def _precondition_failed(exc: Exception) -> bool:
+    """Whether a conditional write failed because the object exists."""
+    return isinstance(exc, ClientError) and (_code(exc) == "PreconditionFailed"
+                                             or _status(exc) == 412)
+
+
+def _one_line(text: str, limit: int = 200) -> str:
+    text = " ".join(text.split())
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def _translate(exc: BaseException, key: str | None, what: str) -> StorageError:
+    """Map a boto3/botocore/urllib3 failure to the storage error tree, in one line."""
+    if isinstance(exc, StorageError):
+        return exc
+    if isinstance(exc, ClientError):
+        code, status = _code(exc), _status(exc)
+        label = f"HTTP {status}" if code in ("", str(status)) else f"{code} (HTTP {status})"
+        if code in _DENIED or (status in (401, 403) and code not in _TRANSIENT | _FULL):
+            # The server's text of a refused request may echo the key id: leave it out.
+            return StoragePermission(f"{what}: access denied: {label}", key=key)
+        detail = _one_line(str(exc.response.get("Error", {}).get("Message", "")))
+        msg = f"{what}: {label}" + (f": {detail}" if detail else "")
+        if code in _NOT_FOUND or status == 404:
+            return ObjectNotFound(msg, key=key)
+        if code in _FULL:
+            return StorageFull(msg, key=key)
+        if code in _TRANSIENT or status in _TRANSIENT_STATUS:
+            return TransientError(msg, key=key)
+        return BackendUnavailable(msg, key=key)
+    if isinstance(exc, NoCredentialsError | PartialCredentialsError):
+        return StoragePermission(f"{what}: no usable AWS credentials (environment, "
+                                 "~/.aws files or profile)", key=key)
+    msg = f"{what}: {type(exc).__name__}: {_one_line(str(exc))}"
+    if isinstance(exc, _TRANSIENT_EXC) and "CERTIFICATE_VERIFY_FAILED" not in str(exc):
+        return TransientError(msg, key=key)
+    return BackendUnavailable(msg, key=key)
+
+
+def _epoch(when: Any) -> float | None:
+    return when.timestamp() if isinstance(when, datetime) else None
+
+
+def _etag(tag: Any) -> str | None:
+    return str(tag).strip('"') if tag else None
+
+
+class S3Backend(Backend):
+    """Objects in an S3 bucket, under an optional prefix."""
+
+    local = False
+    option_keys = frozenset({"endpoint", "region", "addressing_style", "profile",
+                             "concurrency", "connect_timeout", "read_timeout",
+                             "conditional_writes"})
+
+    def __init__(self, bucket: str, prefix: str = "", *, create: bool = False,
+                 endpoint: str | None = None, region: str | None = None,
+                 addressing_style: str | None = None, profile: str | None = None,
+                 concurrency: int = 16, connect_timeout: float = 10.0,
+                 read_timeout: float = 60.0, conditional_writes: bool | None = None) -> None:
+        if not _BUCKET_RE.fullmatch(bucket):
+            raise StorageError(f"invalid S3 bucket name {bucket!r}")
+        self.bucket = bucket
+        self.prefix = prefix.strip("/")
+        self._base = f"{self.prefix}/" if self.prefix else ""
+        self.location = f"s3://{bucket}/{self.prefix}" if self.prefix else f"s3://{bucket}"
+        self.concurrency = concurrency
+        #: None until the first create (or the option) settles whether If-None-Match works.
+        self._conditional = conditional_writes
+        self.atomic_create = conditional_writes is not False
+        self._probe_lock = threading.Lock()
+        try:
+            config = Config(max_pool_connections=concurrency, connect_timeout=connect_timeout,
+                            read_timeout=read_timeout,
+                            retries={"total_max_attempts": 1, "mode": "standard"},  # ours
+                            # Content-MD5, not CRC trailers (aws-chunked) many stores refuse.
+                            request_checksum_calculation="when_required",
+                            response_checksum_validation="when_required",
+                            s3={"addressing_style": addressing_style} if addressing_style
+                            else None)
+            session = boto3.session.Session(profile_name=profile)
+            self._client: Any = session.client("s3", endpoint_url=endpoint,
+                                               region_name=region, config=config)
+        except (BotoCoreError, ValueError) as exc:
+            raise BackendUnavailable(f"cannot open {self.location}: "
+                                     f"{_one_line(str(exc))}") from None
+        try:
+            self._open_bucket(create)
+        except BaseException:
+            self.close()
+            raise
+
+    @classmethod
+    def from_url(cls, url: str, create: bool = False,
+                 options: Mapping[str, Any] | None = None) -> S3Backend:
+        """Open ``s3://BUCKET/PREFIX`` with the ``[storage]`` settings in ``options``."""
+        parts = urlsplit(url)
+        if "@" in parts.netloc:  # never echo what may be credentials
+            raise StorageError("an S3 URL takes no user or password (credentials come from "
+                               "the AWS environment, ~/.aws or a profile)")
+        if parts.scheme != "s3" or not parts.netloc or parts.query or parts.fragment:
+            raise StorageError(f"not an S3 URL: {url!r} (expected s3://BUCKET/PREFIX)")
+        opts = dict(options or {})
+        unknown = sorted(set(opts) - cls.option_keys)
+        if unknown:
+            raise StorageError(f"[storage] unknown S3 setting {unknown[0]!r}")
+        return cls(parts.netloc, parts.path, create=create,
+                   endpoint=_opt(opts, "endpoint", str), region=_opt(opts, "region", str),
+                   addressing_style=_opt(opts, "addressing_style", str),
+                   profile=_opt(opts, "profile", str),
+                   concurrency=_opt(opts, "concurrency", int) or 16,
+                   connect_timeout=_opt(opts, "connect_timeout", float) or 10.0,
+                   read_timeout=_opt(opts, "read_timeout", float) or 60.0,
+                   conditional_writes=_opt(opts, "conditional_writes", bool))
+
+    def _open_bucket(self, create: bool) -> None:
+        try:
+            self._client.head_bucket(Bucket=self.bucket)
+            return
+        except Exception as exc:
+            err = _translate(exc, None, f"cannot open bucket s3://{self.bucket}")
+            if not isinstance(err, ObjectNotFound):
+                raise err from None
+            if not create:
+                raise ObjectNotFound(f"no bucket {self.bucket} at "
+                                     f"{self._client.meta.endpoint_url}") from None
+        args: dict[str, Any] = {"Bucket": self.bucket}
+        region = self._client.meta.region_name
+        if region and region != "us-east-1":
+            args["CreateBucketConfiguration"] = {"LocationConstraint": region}
+        try:
+            self._client.create_bucket(**args)
+        except ClientError as exc:
+            if _code(exc) != "BucketAlreadyOwnedByYou":
+                raise _translate(exc, None, f"cannot create bucket {self.bucket}") from None
+            log.debug("bucket %s exists already (created concurrently)", self.bucket)
+        except Exception as exc:
+            raise _translate(exc, None, f"cannot create bucket {self.bucket}") from None
+
+    def _name(self, key: str) -> str:
+        return self._base + validate_key(key)
+
+    def _where(self, key: str) -> str:
+        return f"s3://{self.bucket}/{self._base}{key}"
+
+    def _put_object(self, name: str, data: Payload, if_none_match: bool) -> None:
+        """One PutObject with the body's Content-MD5; boto3's exceptions pass through."""
+        parts = payload_parts(data)
+        digest = hashlib.md5(usedforsecurity=False)
+        for part in parts:
+            digest.update(part)
+        body = data if isinstance(data, bytes) else b"".join(parts)
+        args: dict[str, Any] = {"Bucket": self.bucket, "Key": name, "Body": body,
+                                "ContentLength": len(body),
+                                "ContentMD5": base64.b64encode(digest.digest()).decode("ascii")}
+        if if_none_match:
+            args["IfNoneMatch"] = "*"
+        self._client.put_object(**args)
+
+    def put(self, key: str, data: Payload) -> None:
+        name = self._name(key)
+        try:
+            self._put_object(name, data, if_none_match=False)
+        except Exception as exc:
+            raise _translate(exc, key, f"cannot write {self._where(key)}") from None
+
+    def create(self, key: str, data: Payload) -> None:
+        name = self._name(key)
+        if not self._conditional_writes():
+            if self.exists(key):
+                raise ObjectExists(f"{key} exists", key=key)
+            self.put(key, data)
+            return
+        try:
+            self._put_object(name, data, if_none_match=True)
+        except Exception as exc:
+            if _precondition_failed(exc):
+                raise ObjectExists(f"{key} exists", key=key) from None
+            raise _translate(exc, key, f"cannot create {self._where(key)}") from None
+
+    def _conditional_writes(self) -> bool:
+        """Whether the store honours If-None-Match; probed once, at the first create."""
+        if self._conditional is None:
+            with self._probe_lock:
+                if self._conditional is None:
+                    self._conditional = self._probe()
+                    self.atomic_create = self._conditional
+                    if not self._conditional:
+                        log.info("%s ignores conditional writes: create checks, then writes",
+                                 self.location)
+        return self._conditional
+
+    def _probe(self) -> bool:
+        key = f"tmp/create-probe-{secrets.token_hex(8)}"
+        name = self._name(key)
+        try:
+            for attempt in (1, 2):
+                try:
+                    self._put_object(name, b"probe", if_none_match=True)
+                except ClientError as exc:
+                    if attempt == 2 and _precondition_failed(exc):
+                        return True
+                    if _code(exc) in _UNSUPPORTED or _status(exc) == 501:
+                        return False
+                    raise
+            return False  # the second put went through: the header was ignored
+        except Exception as exc:
+            raise _translate(exc, key, f"cannot probe conditional writes with "
+                                       f"{self._where(key)}") from None
+        finally:
+            try:
+                self._client.delete_object(Bucket=self.bucket, Key=name)
+            except Exception as exc:  # noqa: BLE001 - a leftover probe does no harm
+                log.debug("cannot delete %s: %s", self._where(key), _one_line(str(exc)))
+
+    def get(self, key: str, offset: int = 0, length: int | None = None) -> bytes:
+        name = self._name(key)
+        what = f"cannot read {self._where(key)}"
+        if offset < 0 or (length is not None and length < 0):
+            raise StorageError(f"invalid range {offset}+{length} of {key}", key=key)
+        if length == 0:
+            check_range(key, self.stat(key).size, offset, 0)
+            return b""
+        args: dict[str, Any] = {"Bucket": self.bucket, "Key": name}
+        if offset or length is not None:
+            end = "" if length is None else str(offset + length - 1)
+            args["Range"] = f"bytes={offset}-{end}"
+        try:
+            resp = self._client.get_object(**args)
+            body = resp["Body"]
+            try:
+                data: bytes = body.read()
+            finally:
+                body.close()
+        except Exception as exc:
+            # A range from at or past the end: nothing to read there, or an error.
+            if isinstance(exc, ClientError) and _code(exc) == "InvalidRange" and \
+                    check_range(key, self.stat(key).size, offset, length) == 0:
+                return b""
+            raise _translate(exc, key, what) from None
+        sent = resp.get("ContentLength")
+        if sent is not None and len(data) != int(sent):
+            raise TransientError(f"{what}: body cut short ({len(data)} of {sent} bytes)",
+                                 key=key)
+        total = str(resp.get("ContentRange", "")).rpartition("/")[2] or str(sent)
+        if "Range" in args and not resp.get("ContentRange"):  # the store sent it all
+            data = data[offset : None if length is None else offset + length]
+        if length is not None and len(data) != length:
+            raise StorageError(f"range {offset}+{length} outside object {key} of {total} "
+                               "bytes", key=key)
+        return data
+
+    def stat(self, key: str) -> ObjectInfo:
+        name = self._name(key)
+        try:
+            resp = self._client.head_object(Bucket=self.bucket, Key=name)
+        except Exception as exc:
+            raise _translate(exc, key, f"cannot stat {self._where(key)}") from None
+        if resp.get("ContentLength") is None:  # an answer cut short in its headers
+            raise TransientError(f"cannot stat {self._where(key)}: no size in the answer",
+                                 key=key)
+        return ObjectInfo(key, int(resp["ContentLength"]), _epoch(resp.get("LastModified")),
+                          _etag(resp.get("ETag")))
+
+    def list(self, prefix: str = "") -> Iterator[ObjectInfo]:
+        validate_prefix(prefix)
+        what = f"cannot list {self._where(prefix)}"
+        # Only the store's failures land here: the caller's own never enter this generator.
+        try:
+            for page in self._client.get_paginator("list_objects_v2").paginate(
+                    Bucket=self.bucket, Prefix=self._base + prefix):
+                for item in page.get("Contents", ()):
+                    full = str(item["Key"])
+                    name = full[len(self._base):]
+                    if full.startswith(self._base) and name:
+                        yield ObjectInfo(name, int(item["Size"]),
+                                         _epoch(item.get("LastModified")), _etag(item.get("ETag")))
+        except Exception as exc:
+            raise _translate(exc, None, what) from None
+
+    def delete(self, key: str) -> None:
+        name = self._name(key)
+        try:
+            self._client.delete_object(Bucket=self.bucket, Key=name)
+        except Exception as exc:
+            if isinstance(exc, ClientError) and _code(exc) == "NoSuchKey":
+                log.debug("delete of absent %s: the store says %s", self._where(key), _code(exc))
+                return
+            raise _translate(exc, key, f"cannot delete {self._where(key)}") from None
+
+    def close(self) -> None:
+        client = getattr(self, "_client", None)
+        if client is not None:
+            client.close()
+
+
+def _opt(opts: Mapping[str, Any], name: str, kind: type[Any]) -> Any:
+    """Setting ``name`` checked to be of ``kind`` (ints pass as floats), or None."""
+    value = opts.get(name)
+    if value is None:
+        return None
+    if kind is float and isinstance(value, int) and not isinstance(value, bool):
+        value = float(value)
+    if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
+        wanted = {int: "an integer", float: "a number", bool: "true or false"}.get(kind, "text")
+        raise StorageError(f"[storage] {name} must be {wanted}, not {value!r}")
+    if kind in (int, float) and value <= 0:
+        raise StorageError(f"[storage] {name} must be positive, not {value!r}")
+    return value
