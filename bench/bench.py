@@ -32,11 +32,15 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from measure import Measured, dir_size, run_measured, vmrepo_bin
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from qemuvm import BenchVM
 from sampleimage import make_image
 from vmrepo.units import human_bytes, parse_size
 
-VMREPO_PATHS = ("file", "qmp", "nbd")
+from tests.s3server import MotoServer  # noqa: E402 - the tests' loopback S3 endpoint
+
+VMREPO_PATHS = ("file", "qmp", "nbd", "s3")
 OTHERS = ("borg", "restic")
 
 
@@ -57,6 +61,8 @@ class Bench:
         self.raw = work / "disk0.raw"
         self.qcow2 = work / "disk0.qcow2"
         self.vm: BenchVM | None = None
+        self.s3: MotoServer | None = None
+        self._s3_round = 0
         self.vmrepo = vmrepo_bin()
         self.cfg = work / "vmrepo.toml"
 
@@ -71,16 +77,25 @@ class Bench:
             f'[vm.file]\nsource = "file"\ndisks = {{ disk0 = "{self.raw}" }}\n'
             f'[vm.qmp]\nsource = "qmp"\nsocket = "{self.work}/vm.qmp"\ndisks = ["disk0"]\n'
             f'[vm.nbd]\nsource = "nbd"\nsocket = "{self.work}/vm.qmp"\ndisks = ["disk0"]\n'
-            f'scratch = "{self.work}"\nfleece_reserve = "256M"\n')
+            f'scratch = "{self.work}"\nfleece_reserve = "256M"\n'
+            f'[vm.s3]\nsource = "file"\ndisks = {{ disk0 = "{self.raw}" }}\n')
         if any(p in self.paths for p in ("qmp", "nbd")):
             self.vm = BenchVM(self.work, self.qcow2).start()
+        if "s3" in self.paths:
+            self.s3 = MotoServer()
 
     def close(self) -> None:
         if self.vm is not None:
             self.vm.stop()
+        if self.s3 is not None:
+            self.s3.stop()
 
     def repo(self, path: str) -> Path:
         return self.work / f"repo-{path}"
+
+    def location(self, path: str) -> str:
+        """Where a path's repository is (a fresh S3 prefix after each init)."""
+        return f"s3://bench/repo-{self._s3_round}" if path == "s3" else str(self.repo(path))
 
     def env(self, path: str) -> dict[str, str]:
         if path == "borg":
@@ -90,10 +105,14 @@ class Bench:
         if path == "restic":
             return {"RESTIC_REPOSITORY": str(self.repo(path)), "RESTIC_PASSWORD": "bench",
                     "RESTIC_CACHE_DIR": str(self.work / "restic-cache")}
-        return {"VMREPO_CACHE_DIR": str(self.work / f"cache-{path}")}
+        env = {"VMREPO_CACHE_DIR": str(self.work / f"cache-{path}")}
+        if path == "s3" and self.s3 is not None:
+            env.update(AWS_ENDPOINT_URL=self.s3.endpoint, AWS_ACCESS_KEY_ID="bench",
+                       AWS_SECRET_ACCESS_KEY="bench-secret", AWS_DEFAULT_REGION="us-east-1")
+        return env
 
     def _vmrepo(self, path: str, *args: str) -> list[str]:
-        return [self.vmrepo, "-r", str(self.repo(path)), "--config", str(self.cfg), *args]
+        return [self.vmrepo, "-r", self.location(path), "--config", str(self.cfg), *args]
 
     def init(self, path: str, chunk: str = "256K") -> None:
         env = {**os.environ, **self.env(path)}
@@ -110,6 +129,7 @@ class Bench:
                                check=True, stdout=subprocess.DEVNULL)
             shutil.rmtree(self.repo(path), ignore_errors=True)
             shutil.rmtree(self.work / f"cache-{path}", ignore_errors=True)
+            self._s3_round += path == "s3"
             cmd = self._vmrepo(path, "init", "--chunk-size", chunk)
         subprocess.run(cmd, env=env, check=True, stdout=subprocess.DEVNULL)
 
@@ -130,8 +150,12 @@ class Bench:
         r = Result(path, phase, m, dir_size(self.repo(path)) - before)
         if path in VMREPO_PATHS:
             doc = json.loads(m.stdout)
+            tot = doc["totals"]
             r.extra = {"taken": sorted({d["taken"] for d in doc["disks"]}),
-                       "read": doc["totals"]["bytes_data"]}
+                       "read": tot["bytes_data"]}
+            if path == "s3":
+                r.added = tot["bytes_stored"] + tot["bytes_manifest"]
+                r.extra["requests"] = sum(doc["storage_requests"][self.location(path)].values())
         self._say(r)
         return r
 

@@ -63,7 +63,7 @@ class _Request(Generic[T]):
 
 def default_workers(concurrency: int) -> int:
     """Threads for reading: every core, more when the store rewards parallel requests."""
-    return max(2, os.cpu_count() or 2, min(concurrency, 32))
+    return max(2, os.cpu_count() or 2, min(concurrency, 8))
 
 
 class ReadPlanner(Generic[T]):
@@ -72,7 +72,7 @@ class ReadPlanner(Generic[T]):
     def __init__(self, repo: Repository, deliver: Callable[[T, bytes], None], *,
                  damaged: Callable[[T, bytes, str], None] | None = None,
                  workers: int | None = None, max_request: int = 8 << 20,
-                 max_gap: int | None = None, memory: int = 96 << 20,
+                 max_gap: int | None = None, memory: int = 64 << 20,
                  check: Callable[[], None] | None = None,
                  decode: bool = True) -> None:
         self.repo = repo

@@ -20,19 +20,35 @@ def _names(group: str) -> list[str]:
     return sorted(ep.name for ep in entry_points(group=group))
 
 
+#: Storage settings the core takes itself: how transient failures are retried.
+RETRY_KEYS = frozenset({"retries", "retry_max_delay"})
+
+
 def open_backend(url: str, create: bool = False,
                  options: Mapping[str, Any] | None = None) -> Backend:
-    """The backend for a repository URL (``/path``, ``file:///path``, ``memory://``, ...),
-    wrapped so that transient failures are retried."""
+    """The backend for a repository URL (``/path``, ``file:///path``, ``s3://...``,
+    ``memory://``), wrapped so that transient failures are retried (``retries`` attempts
+    in all, default 8, backing off up to ``retry_max_delay`` seconds, default 10)."""
     scheme = url.split("://", 1)[0] if "://" in url else "file"
     found = entry_points(group="vmrepo.storage", name=scheme)
     if not found:
         raise ConfigError(f"no storage backend for {scheme}:// (have: "
                           f"{', '.join(_names('vmrepo.storage'))})")
     cls: type[Backend] = next(iter(found)).load()
-    check_keys(options or {}, cls.option_keys, f"[storage] for {scheme}://", None)
+    options = dict(options or {})
+    check_keys(options, cls.option_keys | RETRY_KEYS, f"[storage] for {scheme}://", None)
+    retry = {k: options.pop(k) for k in RETRY_KEYS if k in options}
     try:
-        return RetryingBackend(cls.from_url(url, create=create, options=options))
+        attempts = int(retry.get("retries", 8))
+        max_delay = float(retry.get("retry_max_delay", 10.0))
+        if attempts < 1 or max_delay < 0:
+            raise ValueError
+    except (TypeError, ValueError):
+        raise ConfigError("[storage]: retries must be a positive number of attempts and "
+                          "retry_max_delay a number of seconds") from None
+    try:
+        return RetryingBackend(cls.from_url(url, create=create, options=options),
+                               attempts=attempts, max_delay=max_delay)
     except ObjectNotFound:
         raise RepositoryNotFound(url) from None
 

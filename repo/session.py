@@ -3,8 +3,9 @@
 Thread-safe. Workers call :meth:`WriteSession.add` with plaintext blobs; a
 blob the index or this session already has is dropped, a new one is encoded
 (outside any lock), appended to the open pack, and the pack is sealed once
-it reaches the configured size. Sealed packs are stored by one background
-thread, so encoding goes on while a pack is written; at most ``max_queued``
+it reaches the configured size. Sealed packs are stored by background
+threads (one for a local store, two for a remote one), so encoding goes on while
+packs are written; at most ``max_queued``
 sealed packs wait, which bounds memory.
 
 Visibility (docs/format.md, write ordering): a blob of this session is known
@@ -84,8 +85,11 @@ class WriteSession:
         self._unindexed: list[tuple[bytes, int, list[BlobEntry]]] = []
         self._last_flush = time.monotonic()
         self._queue: queue.Queue[PackBuilder | _Ready | None] = queue.Queue(max_queued)
+        #: Packs stored at once: a remote store rewards two requests in flight.
+        self.uploads = 1 if repo.backend.local else min(2, repo.backend.concurrency)
+        self._flush_lock = threading.Lock()
         self._error: BaseException | None = None
-        self._uploader: threading.Thread | None = None
+        self._uploaders: list[threading.Thread] = []
         self._closed = False
 
     def known(self, blob_id: bytes) -> bool:
@@ -155,10 +159,10 @@ class WriteSession:
 
     def _enqueue(self, builder: PackBuilder | _Ready) -> None:
         with self._lock:
-            if self._uploader is None:
-                self._uploader = threading.Thread(target=self._upload_loop,
-                                                  name="vmrepo-packs", daemon=True)
-                self._uploader.start()
+            while len(self._uploaders) < self.uploads:
+                t = threading.Thread(target=self._upload_loop, name="vmrepo-packs", daemon=True)
+                t.start()
+                self._uploaders.append(t)
         while True:
             self._raise_upload_error()
             try:
@@ -195,6 +199,10 @@ class WriteSession:
     def _flush(self, publish: bool, refresh: bool = False) -> None:
         """Write a segment naming the stored packs; publish it to the index if asked (and
         then, with ``refresh``, pick up what other writers indexed meanwhile)."""
+        with self._flush_lock:
+            self._flush_locked(publish, refresh)
+
+    def _flush_locked(self, publish: bool, refresh: bool) -> None:
         with self._lock:
             packs, self._unindexed = self._unindexed, []
         self._last_flush = time.monotonic()
@@ -213,11 +221,12 @@ class WriteSession:
             if refresh and self.refresh:
                 self.index.sync(self.store)
 
-    def _stop_uploader(self) -> None:
-        if self._uploader is not None:
+    def _stop_uploaders(self) -> None:
+        for _ in self._uploaders:
             self._queue.put(None)
-            self._uploader.join()
-            self._uploader = None
+        for t in self._uploaders:
+            t.join()
+        self._uploaders = []
 
     # -- ending --------------------------------------------------------------
 
@@ -227,7 +236,7 @@ class WriteSession:
             last, self._builder = self._builder, PackBuilder()
         if len(last):
             self._enqueue(last)
-        self._stop_uploader()
+        self._stop_uploaders()
         self._raise_upload_error()
         self._flush(publish=True)
         self._closed = True
@@ -241,16 +250,14 @@ class WriteSession:
         if self._closed:
             return
         self._closed = True
-        if self._uploader is not None:
+        if self._uploaders:
             self._error = self._error or RuntimeError("session aborted")
             while True:
                 try:
                     self._queue.get_nowait()
                 except queue.Empty:
                     break
-            self._queue.put(None)
-            self._uploader.join()
-            self._uploader = None
+            self._stop_uploaders()
         try:
             self._flush(publish=False)
         except Exception as exc:  # noqa: BLE001 - the session failed already; keep its error

@@ -16,7 +16,9 @@ from __future__ import annotations
 
 import logging
 import random
+import threading
 import time
+from collections import Counter
 from collections.abc import Callable, Iterator
 from typing import TypeVar
 
@@ -40,6 +42,13 @@ class RetryingBackend(BackendWrapper):
         self._sleep = sleep
         self._rand = rand
         self.retries = 0
+        #: Requests made to the store, by operation (every attempt counts).
+        self.requests: Counter[str] = Counter()
+        self._count_lock = threading.Lock()
+
+    def _count(self, op: str) -> None:
+        with self._count_lock:
+            self.requests[op] += 1
 
     def _backoff(self, attempt: int, what: str, exc: TransientError) -> None:
         delay = self._rand() * min(self.max_delay, self.base_delay * (2 ** attempt))
@@ -49,7 +58,9 @@ class RetryingBackend(BackendWrapper):
         self._sleep(delay)
 
     def _call(self, what: str, fn: Callable[[], T]) -> T:
+        op = what.split(" ", 1)[0]
         for attempt in range(self.attempts):
+            self._count(op)
             try:
                 return fn()
             except TransientError as exc:
@@ -64,6 +75,7 @@ class RetryingBackend(BackendWrapper):
     def create(self, key: str, data: Payload) -> None:
         failed_before = False
         for attempt in range(self.attempts):
+            self._count("create")
             try:
                 self.inner.create(key, data)
                 return
@@ -92,6 +104,7 @@ class RetryingBackend(BackendWrapper):
     def list(self, prefix: str = "") -> Iterator[ObjectInfo]:
         seen: set[str] = set()
         for attempt in range(self.attempts):
+            self._count("list")
             try:
                 for info in self.inner.list(prefix):
                     if info.key not in seen:

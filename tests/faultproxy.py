@@ -37,6 +37,7 @@ import hashlib
 import logging
 import socket
 import threading
+import zlib
 from collections import Counter
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -61,6 +62,7 @@ class Request:
     target: str
     headers: dict[str, str]
     body_md5: str = ""
+    body_crc32: str = ""
     action: str = "pass"
 
 
@@ -224,6 +226,7 @@ class FaultProxy:
                 conn.sendall(b"HTTP/1.1 100 Continue\r\n\r\n")
             body = _read_exact(conn, buf, int(lower.get("content-length", "0") or 0))
         req.body_md5 = base64.b64encode(hashlib.md5(body).digest()).decode()
+        req.body_crc32 = base64.b64encode(zlib.crc32(body).to_bytes(4, "big")).decode()
         if req.action == "drop":
             return False
         if req.action in _ERRORS:

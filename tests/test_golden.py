@@ -41,7 +41,8 @@ def test_golden_v1_is_written_only_after_an_upgrade(tmp_path: Path) -> None:
     refused = run_cli("snapshot", "golden", cwd=tmp_path, check=False)
     assert refused.returncode == exitcodes.INCOMPATIBLE
     assert "vmrepo upgrade" in refused.stderr and "Traceback" not in refused.stderr
-    assert run_json("upgrade", cwd=tmp_path) == {"changed": True, "from": 1, "to": 2}
+    upgraded = run_json("upgrade", cwd=tmp_path)
+    assert (upgraded["changed"], upgraded["from"], upgraded["to"]) == (True, 1, 2)
     assert run_json("upgrade", cwd=tmp_path)["changed"] is False
     new = run_json("snapshot", "golden", cwd=tmp_path)
     expected = json.loads((GOLDEN / "expected.json").read_text())

@@ -253,18 +253,26 @@ def test_open_backend_finds_the_plugin(moto_server: MotoServer, s3_bucket: str) 
 
 # What goes over the wire.
 
-def test_content_md5_is_sent(proxy: FaultProxy, s3_bucket: str) -> None:
-    b = make_backend(proxy.endpoint, s3_bucket)
+@pytest.mark.parametrize("checksum", ["crc32", "md5"])
+def test_the_body_checksum_is_sent(proxy: FaultProxy, s3_bucket: str, checksum: str) -> None:
+    b = make_backend(proxy.endpoint, s3_bucket, checksum=checksum)
     parts = [b"abc", memoryview(b"defg"), bytearray(70_000)]
     proxy.plan(())
     b.put("data/00/x", parts)
     b.create("locks/y", b"lock")
     puts = [r for r in proxy.requests if r.method == "PUT" and r.target.count("/") > 1]
-    assert puts and all(r.headers.get("content-md5") == r.body_md5 for r in puts)
     joined = b"abcdefg" + bytes(70_000)
-    assert puts[0].headers["content-md5"] == base64.b64encode(hashlib.md5(joined).digest()).decode()
+    if checksum == "md5":
+        assert puts and all(r.headers.get("content-md5") == r.body_md5 for r in puts)
+        assert puts[0].headers["content-md5"] == \
+            base64.b64encode(hashlib.md5(joined).digest()).decode()
+        assert "x-amz-checksum-crc32" not in puts[0].headers
+    else:
+        assert puts and all(r.headers.get("x-amz-checksum-crc32") == r.body_crc32
+                            for r in puts)
+        assert "content-md5" not in puts[0].headers
+    assert "aws-chunked" not in puts[0].headers.get("content-encoding", "")  # no trailers
     assert puts[-1].headers.get("if-none-match") == "*"
-    assert "x-amz-checksum-crc32" not in puts[0].headers  # no trailer-based checksums
     assert b.get("data/00/x") == joined
 
 

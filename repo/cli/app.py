@@ -104,6 +104,7 @@ class Context:
     _settings: Settings | None = None
     problems: list[Problem] = field(default_factory=list)
     _warned: set[str] = field(default_factory=set)
+    _opened: list[Repository] = field(default_factory=list)
 
     @property
     def as_json(self) -> bool:
@@ -143,7 +144,18 @@ class Context:
         return open_backend(url, create=create, options=options)
 
     def open_repo(self, name_or_url: str | None = None) -> Repository:
-        return Repository.open(self.backend_for(name_or_url), report=self.report)
+        repo = Repository.open(self.backend_for(name_or_url), report=self.report)
+        self._opened.append(repo)
+        return repo
+
+    def storage_requests(self) -> dict[str, dict[str, int]]:
+        """Requests each opened repository's store received, by operation."""
+        out: dict[str, dict[str, int]] = {}
+        for repo in self._opened:
+            counts = getattr(repo.backend, "requests", None)
+            if counts:
+                out[repo.backend.location] = dict(sorted(counts.items()))
+        return out
 
     def show_progress(self) -> bool:
         return not self.as_json and self.opts.progress is not False
@@ -175,7 +187,13 @@ class Context:
             held.release()
 
     def emit(self, doc: dict[str, Any], human: Callable[[], None]) -> None:
+        requests = self.storage_requests()
+        for location, counts in requests.items():
+            log.info("%s: %d storage requests (%s)", location, sum(counts.values()),
+                     ", ".join(f"{op} {n}" for op, n in counts.items()))
         if self.as_json:
+            if requests:
+                doc = {**doc, "storage_requests": requests}
             if self.problems:
                 doc = {**doc, "problems": [{"key": p.key, "kind": p.kind, "message": str(p)}
                                            for p in self.problems]}
