@@ -71,19 +71,24 @@ class ReadPlanner(Generic[T]):
 
     def __init__(self, repo: Repository, deliver: Callable[[T, bytes], None], *,
                  damaged: Callable[[T, bytes, str], None] | None = None,
-                 workers: int | None = None, max_request: int = 8 << 20,
-                 max_gap: int | None = None, memory: int = 64 << 20,
+                 workers: int | None = None, max_request: int | None = None,
+                 max_gap: int | None = None, memory: int | None = None,
                  check: Callable[[], None] | None = None,
                  decode: bool = True) -> None:
         self.repo = repo
         self.deliver = deliver
         self.damaged = damaged
         self.workers = workers or default_workers(repo.backend.concurrency)
-        self.max_request = max_request
+        local = repo.backend.local
+        # A remote store charges per request and may read a whole object per range (moto
+        # does): ask for up to a whole pack at once there.
+        self.max_request = max_request or (8 << 20 if local else
+                                           max(8 << 20, repo.config.pack_size))
         # A local disk reads small gaps faster than it seeks; a remote store pays per request.
         self.max_gap = max_gap if max_gap is not None else \
             (256 << 10 if repo.backend.local else 1 << 20)
-        self.memory = max(memory, max_request)
+        self.memory = max(memory or (64 << 20 if local else 2 * self.max_request),
+                          self.max_request)
         self.check = check
         #: False: deliver the stored bytes as they are (copies between repositories).
         self.decode = decode

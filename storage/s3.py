@@ -41,6 +41,7 @@ from __future__ import annotations
 import base64
 import hashlib
 import http.client
+import io
 import logging
 import re
 import secrets
@@ -157,6 +158,41 @@ def _etag(tag: Any) -> str | None:
     return str(tag).strip('"') if tag else None
 
 
+class _PartsReader(io.RawIOBase):
+    """A request body made of several buffers, sent without joining them (a pack's parts
+    would otherwise be copied into one more buffer of the pack's size)."""
+
+    def __init__(self, parts: list[memoryview]) -> None:
+        self._parts = [p for p in parts if p.nbytes]  # an empty part would read as the end
+        self._at = 0
+        self._pos = 0
+
+    def readable(self) -> bool:
+        return True
+
+    def seekable(self) -> bool:
+        return True
+
+    def tell(self) -> int:
+        return self._pos
+
+    def seek(self, offset: int, whence: int = io.SEEK_SET) -> int:
+        if (offset, whence) not in ((0, io.SEEK_SET), (self._pos, io.SEEK_SET)):
+            raise OSError("only a rewind is supported")
+        if offset == 0:
+            self._at = self._pos = 0
+        return self._pos
+
+    def read(self, size: int = -1) -> bytes:
+        """The next part whole (the HTTP client sends what it gets, so a part is one send)."""
+        if self._at >= len(self._parts):
+            return b""
+        part = self._parts[self._at]
+        self._at += 1
+        self._pos += part.nbytes
+        return part  # type: ignore[return-value] # a memoryview: sendall takes it as it is
+
+
 class S3Backend(Backend):
     """Objects in an S3 bucket, under an optional prefix."""
 
@@ -267,9 +303,9 @@ class S3Backend(Backend):
     def _put_object(self, name: str, data: Payload, if_none_match: bool) -> None:
         """One PutObject with the body's checksum; boto3's exceptions pass through."""
         parts = payload_parts(data)
-        body = data if isinstance(data, bytes) else b"".join(parts)
+        body: bytes | _PartsReader = data if isinstance(data, bytes) else _PartsReader(parts)
         args: dict[str, Any] = {"Bucket": self.bucket, "Key": name, "Body": body,
-                                "ContentLength": len(body)}
+                                "ContentLength": sum(p.nbytes for p in parts)}
         if self.checksum == "md5":
             digest = hashlib.md5(usedforsecurity=False)
             for part in parts:

@@ -14,6 +14,8 @@ namespaces:
   disks with data) for every VM with a QMP ``socket``, a qemu-nbd for every
   ``nbd+unix`` export a VM names (with its bitmap), and gives
   ``/srv/devices/*`` paths a loop device;
+* starts an S3 endpoint (moto_server) on loopback when the document uses
+  ``s3://`` repositories, and points the AWS environment at it;
 * runs each command with the clock at 2024-05-01 10:00 UTC (libfaketime) so
   that the document's dates exist, and reports each exit code.
 
@@ -137,12 +139,30 @@ def _vm_setup(name: str, table: dict[str, Any]) -> list[str]:
     return sh
 
 
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port: int = sock.getsockname()[1]
+        return port
+
+
 def script(doc: Document, work: Path, bindir: str) -> str:
     settings = tomllib.loads(doc.config)
     sh = ["set -u", "mount -t tmpfs tmpfs /run", "mount -t tmpfs tmpfs /srv",
           f"cd {shlex.quote(str(work))}", "mkdir -p /srv/images /srv/devices"]
     for name, table in settings.get("vm", {}).items():
         sh += _vm_setup(name, table)
+    if "s3://" in doc.config or any("s3://" in c for c in doc.commands):
+        # An S3 endpoint on loopback; the commands find it through the AWS environment.
+        port = _free_port()
+        sh += [f"{shlex.quote(bindir)}/moto_server -H 127.0.0.1 -p {port} >/dev/null 2>&1 &",
+               f"for i in $(seq 300); do (echo > /dev/tcp/127.0.0.1/{port}) 2>/dev/null && "
+               "break; sleep 0.05; done",
+               f"export AWS_ENDPOINT_URL=http://127.0.0.1:{port} AWS_ACCESS_KEY_ID=docs "
+               "AWS_SECRET_ACCESS_KEY=docs-secret AWS_DEFAULT_REGION=us-east-1 "
+               "AWS_EC2_METADATA_DISABLED=true"]
     devices = sorted({p for c in doc.commands for p in re.findall(r"/srv/devices/[\w.-]+", c)})
     for dev in devices:
         sh += [f"truncate -s 64M {dev}.img",
