@@ -10,7 +10,8 @@ PY := $(VENV)/bin/python
 SYSTEM_DEPS := qemu-img:qemu-utils qemu-io:qemu-utils qemu-system-x86_64:qemu-system-x86 \
 	nbdinfo:libnbd-bin
 # what only the tests need: a fake clock for the docs sandbox, loop devices
-TEST_DEPS := faketime:faketime losetup:mount
+TEST_DEPS := faketime:faketime losetup:mount libvirtd:libvirt-daemon \
+	:libvirt-daemon-driver-qemu virsh:libvirt-clients :libvirt-dev pkg-config:pkg-config gcc:gcc
 BENCH_DEPS := borg:borgbackup restic:restic
 
 .PHONY: demo test bench lint system-deps bench-deps test-deps clean
@@ -18,14 +19,14 @@ BENCH_DEPS := borg:borgbackup restic:restic
 demo: system-deps $(VENV)/.installed
 	$(PY) -m vmrepo.demo
 
-test: system-deps test-deps $(VENV)/.installed
+test: system-deps test-deps $(VENV)/.installed-test
 	$(PY) -m pytest -q $(PYTEST_ARGS)
 
-lint: $(VENV)/.installed
+lint: test-deps $(VENV)/.installed-test
 	$(VENV)/bin/ruff check repo sources storage tests bench
 	MYPY=$(abspath $(VENV))/bin/mypy ./.ci/typecheck
 
-bench: system-deps bench-deps $(VENV)/.installed
+bench: system-deps bench-deps test-deps $(VENV)/.installed-test
 	$(PY) bench/bench.py $(BENCH_ARGS)
 	$(PY) bench/index_bench.py
 	$(PY) bench/nbd_read_bench.py
@@ -40,8 +41,14 @@ bench-deps:
 test-deps:
 	@./.ci/apt-ensure $(TEST_DEPS)
 
+# the program alone (demo), and with the test tools (test, lint, bench: libvirt-python
+# builds against libvirt-dev, which test-deps installs)
 $(VENV)/.installed: pyproject.toml
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	@$(PY) -m pip install -q --disable-pip-version-check -e .
+	@touch $@
+
+$(VENV)/.installed-test: pyproject.toml $(VENV)/.installed
 	@$(PY) -m pip install -q --disable-pip-version-check -e '.[test]'
 	@touch $@
 

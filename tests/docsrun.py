@@ -3,8 +3,8 @@ document describes.
 
 From a Markdown document this takes its ``toml`` blocks (together: the
 ``vmrepo.toml`` of the sandbox) and its ``sh`` blocks (the commands, in
-order; a block right after ``<!-- docs test: not run (why) -->`` is left
-out). It then writes one shell script that, inside private mount and PID
+order); a ``toml`` or ``sh`` block right after ``<!-- docs test: not run
+(why) -->`` is left out. It then writes one shell script that, inside private mount and PID
 namespaces:
 
 * mounts fresh tmpfs file systems on ``/run`` and ``/srv``, so that the
@@ -62,7 +62,7 @@ def parse(markdown: str) -> Document:
             while i < len(lines) and lines[i].strip() != "```":
                 body.append(lines[i])
                 i += 1
-            if m.group(1) == "toml":
+            if m.group(1) == "toml" and not skip_next:
                 config += body
             elif m.group(1) == "sh" and not skip_next:
                 commands += _commands(body)
