@@ -218,7 +218,7 @@ def take_snapshot(repo: Repository, source: Source, opts: SnapshotOptions) -> Sn
                             opts.wanted, history_for(prior))
     started = like.time if like is not None else opts.clock()
     repo.require_current_format("taking a snapshot")
-    repo.only_existing_packs()  # never deduplicate against a missing pack
+    repo.only_usable_packs()  # never deduplicate against a missing pack
     session = repo.session(check=opts.check)
     try:
         disks = source.begin(context)

@@ -43,6 +43,7 @@ class RecordKind(Enum):
     INDEX = "index"
     LOCK = "lock"
     PACK_HEADER = "pack-header"
+    MARK = "mark"
 
 
 def pack_map(fields: dict[str, Any]) -> bytes:

@@ -13,9 +13,11 @@ from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
 from typing import Any
 
+from vmrepo.storage.objectlock import Retention
+
 from .codec import ENVELOPE_PLAIN, check_version, pack_map, unpack_map
 from .errors import IncompatibleRepository, IntegrityError
-from .format import FORMAT_VERSION, KNOWN_FEATURES, OLDEST_VERSION, checksum
+from .format import FORMAT_VERSION, KNOWN_FEATURES, OBJECT_LOCK, OLDEST_VERSION, checksum
 
 MIN_CHUNK = 64 << 10
 MAX_CHUNK = 4 << 20
@@ -50,6 +52,9 @@ class RepoConfig:
     version: int = FORMAT_VERSION
     features_required: tuple[str, ...] = field(default_factory=tuple)
     features_compatible: tuple[str, ...] = field(default_factory=tuple)
+    #: S3 Object Lock: every object but locks and marks retained this many days (None: off).
+    object_lock_days: int | None = None
+    object_lock_mode: str = "governance"
 
     @classmethod
     def new(cls, chunk_size: int = DEFAULT_CHUNK, pack_size: int = DEFAULT_PACK_SIZE,
@@ -75,8 +80,17 @@ class RepoConfig:
             created=datetime.now(UTC).isoformat(timespec="seconds"),
         )
 
+    def with_object_lock(self, days: int, mode: str) -> RepoConfig:
+        """This config requiring S3 Object Lock (feature ``object-lock``)."""
+        Retention(days, mode)  # checks them
+        return replace(self, object_lock_days=days, object_lock_mode=mode,
+                       features_required=tuple(sorted({*self.features_required, OBJECT_LOCK})))
+
     def fields(self) -> dict[str, Any]:
-        return {
+        extra: dict[str, Any] = {}
+        if self.object_lock_days is not None:
+            extra["object_lock"] = {"days": self.object_lock_days, "mode": self.object_lock_mode}
+        return {**extra,
             "v": self.version,
             "id": self.repository_id,
             "chunk_size": self.chunk_size,
@@ -139,6 +153,13 @@ class RepoConfig:
                 features_required=required,
                 features_compatible=tuple(str(f) for f in features.get("compatible", ())),
             )
+            lock = rec.get("object_lock")
+            if lock is not None:
+                days, mode = int(lock["days"]), str(lock["mode"])
+                Retention(days, mode)  # checks them
+                cfg = replace(cfg, object_lock_days=days, object_lock_mode=mode)
+            elif OBJECT_LOCK in required:
+                raise ValueError("object-lock required but not configured")
             hash_algorithm = rec["hash"].get("algorithm")
         except (KeyError, TypeError, ValueError, AttributeError) as exc:
             raise IntegrityError(f"config: malformed ({exc})", key="config") from exc
@@ -169,4 +190,6 @@ class RepoConfig:
             "pack_size": self.pack_size,
             "compression": f"{self.compression}-{self.compression_level}",
             "created": self.created,
+            "object_lock": None if self.object_lock_days is None else
+            {"days": self.object_lock_days, "mode": self.object_lock_mode},
         }

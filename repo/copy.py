@@ -24,7 +24,6 @@ re-compressed), keeping the snapshot's id, time, host and tags.
 
 from __future__ import annotations
 
-import functools
 import queue
 import threading
 from collections.abc import Callable, Iterator, Sequence
@@ -40,6 +39,7 @@ from .index import Ordinals
 from .manifest import Manifest, iter_chunks
 from .pack import BlobEntry
 from .planner import ReadPlanner
+from .references import blobs_of
 from .repository import Repository
 from .session import WriteSession
 from .snapshots import DiskRecord, Snapshot, save_snapshot
@@ -78,7 +78,7 @@ def copy_snapshots(src: Repository, dst: Repository, snaps: Sequence[Snapshot], 
     stats = CopyStats(already_there=len(snaps) - len(todo))
     if not todo:
         return stats
-    dst.only_existing_packs()
+    dst.only_usable_packs()
     if same_parameters(src, dst):
         _copy_blobs(src, dst, todo, stats, check_src, check_dst)
     else:
@@ -95,24 +95,13 @@ def copy_snapshots(src: Repository, dst: Repository, snaps: Sequence[Snapshot], 
     return stats
 
 
-def _referenced(src: Repository, snap: Snapshot) -> Iterator[bytes]:
-    """Every blob id ``snap`` references: roots, pages, non-zero chunks."""
-    for disk in snap.disks:
-        yield disk.root
-        manifest = src.manifest(disk.root)
-        yield from manifest.page_ids
-        for _, cid in iter_chunks(manifest, functools.partial(src.page, manifest)):
-            if cid != ZERO_ID:
-                yield cid
-
-
 def _copy_blobs(src: Repository, dst: Repository, todo: list[Snapshot], stats: CopyStats,
                 check_src: Check, check_dst: Check) -> None:
     ordinals = src.index.ordinals()
     wanted = bytearray(ordinals.size)
     packs: dict[bytes, None] = {}
     for snap in todo:
-        for bid in _referenced(src, snap):
+        for bid in blobs_of(src, snap):
             found = ordinals.of(bid)
             if found is None:
                 raise IntegrityError(f"{snap.vm}@{snap.short_id} references blob "

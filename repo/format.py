@@ -20,7 +20,8 @@ FORMAT_VERSION = 2
 #: Oldest format version this vmrepo reads (and upgrades in place).
 OLDEST_VERSION = 1
 #: Features this version understands; a repository requiring others is refused.
-KNOWN_FEATURES: frozenset[str] = frozenset()
+OBJECT_LOCK = "object-lock"
+KNOWN_FEATURES: frozenset[str] = frozenset({OBJECT_LOCK})
 
 ID_SIZE = 32
 ZERO_ID = bytes(ID_SIZE)  # marks an all-zero chunk in a manifest page
@@ -65,6 +66,7 @@ PACK_PREFIX = "data/"
 INDEX_PREFIX = "index/"
 SNAPSHOT_PREFIX = "snapshots/"
 LOCK_PREFIX = "locks/"
+MARK_PREFIX = "marks/"
 
 
 def pack_key(pack_id: bytes) -> str:
@@ -82,6 +84,10 @@ def snapshot_key(snapshot_id: str) -> str:
 
 def lock_key(lock_id: str) -> str:
     return f"{LOCK_PREFIX}{lock_id}"
+
+
+def mark_key(mark_id: str) -> str:
+    return f"{MARK_PREFIX}{mark_id}"
 
 
 def parse_hex_name(key: str, prefix: str, length: int = HEX_ID_LENGTH) -> str | None:

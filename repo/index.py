@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
+import heapq
 import logging
 import os
 import secrets
@@ -49,6 +50,8 @@ MAX_RUNS = 10
 #: Segment bytes loaded at once while rebuilding (bounds memory).
 GROUP_BYTES = 32 << 20
 STATE_VERSION = 1
+#: Times a sync starts over when segments vanish while it reads them.
+SYNC_ATTEMPTS = 4
 
 
 @dataclass(frozen=True)
@@ -103,6 +106,7 @@ class Index:
         self._filter: PackFilter | None = None
         self._run_ok: dict[int, bytearray] = {}
         self.synced = False
+        self._vanished = False
 
     # -- lookups -------------------------------------------------------------
 
@@ -180,7 +184,7 @@ class Index:
     def ordinals(self) -> Ordinals:
         """Numbers for the blobs this index holds, fixed while it is not changed."""
         with self._lock:
-            return Ordinals(list(self._runs), {bid: locs[0] for bid, locs in self._mem.items()})
+            return Ordinals(list(self._runs), {bid: list(locs) for bid, locs in self._mem.items()})
 
     @property
     def covered(self) -> frozenset[bytes]:
@@ -235,8 +239,19 @@ class Index:
         """Bring the index up to date with the repository's segments.
 
         Lookups go on while it runs (it may be called during a session, to see what other
-        writers have indexed since); the new runs replace the old at once.
+        writers have indexed since); the new runs replace the old at once. A segment that
+        vanishes while it is read was merged into another by a prune: the sync starts over
+        (a few times), so that the merged segment is read instead.
         """
+        for _ in range(SYNC_ATTEMPTS):
+            self._vanished = False
+            self._sync(store)
+            if not self._vanished:
+                return
+            log.info("an index segment vanished while it was read (a prune merged it): "
+                     "reading the index again")
+
+    def _sync(self, store: RepoStore) -> None:
         listing = store.listing(INDEX_PREFIX, lambda k: parse_hex_name(k, INDEX_PREFIX) is not None)
         present = {bytes.fromhex(i.key[len(INDEX_PREFIX):]) for i in listing}
         store.forget_cached(INDEX_PREFIX, (index_key(s) for s in present))
@@ -305,6 +320,7 @@ class Index:
             store.damaged(exc, key)
         except ObjectNotFound:
             log.debug("%s vanished while the index was read", key)
+            self._vanished = True
         return None
 
     def _rebuild(self, store: RepoStore, listing: list[ObjectInfo]) -> _State:
@@ -430,16 +446,18 @@ class Index:
 
 class Ordinals:
     """A dense number per indexed blob (the position of its first entry), so that per-blob
-    counters fit in an array instead of a dictionary of ids."""
+    counters fit in an array instead of a dictionary of ids. Numbers hold for the index
+    state the object was made from (:meth:`Index.ordinals`)."""
 
-    def __init__(self, runs: list[Run], mem: dict[bytes, Location]) -> None:
+    def __init__(self, runs: list[Run], mem: dict[bytes, list[Location]]) -> None:
         self._runs = runs
         self._bases = []
         base = 0
         for run in runs:
             self._bases.append(base)
             base += run.n
-        self._mem = {bid: base + i for i, bid in enumerate(sorted(mem))}
+        self._mem_ids = sorted(mem)
+        self._mem = {bid: base + i for i, bid in enumerate(self._mem_ids)}
         self._mem_locs = mem
         self.size = base + len(mem)
 
@@ -447,7 +465,7 @@ class Ordinals:
         """The blob's number and location, or None if the index does not have it."""
         n = self._mem.get(blob_id)
         if n is not None:
-            return n, self._mem_locs[blob_id]
+            return n, self._mem_locs[blob_id][0]
         for base, run in zip(self._bases, self._runs, strict=True):
             found = run.locate(blob_id)
             if found is not None:
@@ -455,6 +473,37 @@ class Ordinals:
                 return base + pos, Location(run.pack_id(rec[1]), BlobType(rec[5]), rec[2],
                                             rec[3], rec[4])
         return None
+
+    def groups(self) -> Iterator[tuple[int, bytes, list[Location]]]:
+        """Every indexed blob once, in id order: its number, id and every entry (in-memory
+        entries first, then run by run, as :meth:`of` and :meth:`Index.get` see them).
+        Streams the runs: memory does not grow with the index."""
+        def mem() -> Iterator[tuple[bytes, int, int, Record | None]]:
+            for bid in self._mem_ids:
+                yield bid, -1, 0, None
+
+        def run_records(k: int) -> Iterator[tuple[bytes, int, int, Record | None]]:
+            for pos, rec in enumerate(self._runs[k].records()):
+                yield rec[0], k, pos, rec
+
+        sources = [mem(), *(run_records(k) for k in range(len(self._runs)))]
+        current: bytes | None = None
+        number = 0
+        locs: list[Location] = []
+        # heapq.merge keeps the order of its inputs for equal keys: memory, then runs.
+        for bid, k, pos, rec in heapq.merge(*sources, key=lambda item: item[0]):
+            if bid != current:
+                if current is not None:
+                    yield number, current, locs
+                current, locs = bid, []
+                number = self._mem[bid] if k < 0 else self._bases[k] + pos
+            if rec is None:
+                locs.extend(self._mem_locs[bid])
+            else:
+                locs.append(Location(self._runs[k].pack_id(rec[1]), BlobType(rec[5]), rec[2],
+                                     rec[3], rec[4]))
+        if current is not None:
+            yield number, current, locs
 
 
 def _source(seg: Segment, sid: bytes) -> Source:

@@ -14,7 +14,9 @@ from the packs alone.
 
 from __future__ import annotations
 
+import secrets
 import struct
+from collections.abc import Container
 from dataclasses import dataclass
 
 from .codec import Codec, RecordKind
@@ -73,15 +75,21 @@ class PackBuilder:
         self._parts.append(stored)
         self._size += len(stored)
 
-    def seal(self, hasher: Hasher, codec: Codec) -> tuple[bytes, list[bytes]]:
+    def seal(self, hasher: Hasher, codec: Codec, avoid: Container[bytes] = ()
+             ) -> tuple[bytes, list[bytes]]:
         """Return ``(pack_id, parts)``: the pack is the parts concatenated, its id their
-        keyed hash (computed without joining them)."""
-        header = codec.encode_record(RecordKind.PACK_HEADER,
-                                     {"v": 1, "blobs": [e.as_list() for e in self.entries]})
-        self._parts.append(header)
-        self._parts.append(TRAILER.pack(len(header), TRAILER_MAGIC))
+        keyed hash (computed without joining them). A pack whose id is in ``avoid`` (a pack
+        a prune condemned, docs/format.md §13) gets a random ``salt`` in its header, and so
+        another id."""
+        header: dict[str, object] = {"v": 1, "blobs": [e.as_list() for e in self.entries]}
         parts, self._parts = self._parts, []
-        return hasher.id_of_parts(parts), parts
+        while True:
+            raw = codec.encode_record(RecordKind.PACK_HEADER, header)
+            sealed = [*parts, raw, TRAILER.pack(len(raw), TRAILER_MAGIC)]
+            pack_id = hasher.id_of_parts(sealed)
+            if pack_id not in avoid:
+                return pack_id, sealed
+            header["salt"] = secrets.token_bytes(16)
 
 
 def parse_trailer(tail: bytes, pack_size: int, what: str) -> tuple[int, int]:

@@ -74,7 +74,8 @@ class ReadPlanner(Generic[T]):
                  workers: int | None = None, max_request: int | None = None,
                  max_gap: int | None = None, memory: int | None = None,
                  check: Callable[[], None] | None = None,
-                 decode: bool = True) -> None:
+                 decode: bool = True,
+                 locate: Callable[[bytes], Location | None] | None = None) -> None:
         self.repo = repo
         self.deliver = deliver
         self.damaged = damaged
@@ -92,6 +93,8 @@ class ReadPlanner(Generic[T]):
         self.check = check
         #: False: deliver the stored bytes as they are (copies between repositories).
         self.decode = decode
+        #: Where to read a blob, before the index is asked (a repack reads given copies).
+        self.locate = locate
         self.stats = PlannerStats()
         self._budget = threading.Semaphore(self.memory // (64 << 10))
         self._stats_lock = threading.Lock()
@@ -144,7 +147,9 @@ class ReadPlanner(Generic[T]):
     def _plan(self, window: dict[bytes, list[T]]) -> Iterator[_Request[T]]:
         by_pack: dict[bytes, list[tuple[bytes, Location, list[T]]]] = {}
         for blob_id, tags in window.items():
-            loc = self.repo.index.get(blob_id)
+            loc = self.locate(blob_id) if self.locate is not None else None
+            if loc is None:
+                loc = self.repo.index.get(blob_id)
             if loc is None:
                 locs = self.repo.index.locations(blob_id)
                 if not locs:

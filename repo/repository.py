@@ -9,6 +9,7 @@ from typing import Any
 from vmrepo.storage.base import Backend
 from vmrepo.storage.errors import ObjectNotFound, StorageError
 
+from . import marks
 from .cache import Cache
 from .codec import Codec
 from .config import RepoConfig
@@ -22,6 +23,7 @@ from .format import (
     pack_key,
     parse_pack_key,
 )
+from .immutability import apply_object_lock
 from .index import Index
 from .manifest import Manifest, split_page
 from .session import WriteSession
@@ -41,8 +43,12 @@ class Repository:
         self.codec = Codec(config.codec_level)
         self.cache = cache if cache is not None else Cache.open(config.repository_id)
         self.store = RepoStore(backend, self.codec, self.hasher, self.cache, report)
+        #: The store's object lock, in a repository that requires one.
+        self.object_lock = apply_object_lock(backend, config)
         self._index: Index | None = None
         self._packs: dict[bytes, int] | None = None
+        #: Packs a prune condemned (read by :meth:`only_usable_packs`).
+        self.condemned: frozenset[bytes] = frozenset()
         self._zero_chunk = bytes(config.chunk_size)
 
     @property
@@ -62,6 +68,7 @@ class Repository:
                 break
         if present:
             raise RepositoryExists(backend.location, not_empty=present)
+        apply_object_lock(backend, config, enable=True)
         try:
             backend.create(CONFIG_KEY, config.encode())
         except StorageError as exc:
@@ -124,16 +131,31 @@ class Repository:
         if self._packs is not None:
             self._packs[pack_id] = size
 
-    def only_existing_packs(self) -> None:
-        """Let lookups skip entries in packs that are missing (a snapshot must not build on
-        missing data); costs one listing of the packs. Packs named by segments that appear
-        later (other writers') are accepted: a segment is written after its packs."""
+    def forget_pack_listing(self) -> None:
+        """List the packs again on next use (another process may have added or deleted some)."""
+        self._packs = None
+
+    def only_usable_packs(self) -> None:
+        """Let lookups skip entries in packs that are missing or that a prune condemned: a
+        snapshot must build neither on missing data nor on data about to be deleted, and its
+        new packs must not take a condemned pack's id. Call it after taking the lock: a
+        prune lists the locks after writing its mark (docs/format.md §13). Costs a listing
+        of the packs and of the marks. Packs named by segments that appear later (other
+        writers') are accepted: a segment is written after its packs."""
+        # Marks first, then the packs: a mark is deleted only after its packs, so packs seen
+        # without their mark are seen gone.
+        self.condemned = frozenset(marks.condemned(marks.load_marks(self.store)))
+        self.forget_pack_listing()
         existing = self.existing_packs()
         missing = {pid for pid in self.index.packs() if pid not in existing}
         if missing:
             log.info("%d packs the index names are missing: their blobs will be stored again",
                      len(missing))
-        self.index.set_pack_filter(lambda pid: pid not in missing)
+        if self.condemned:
+            log.info("%d packs are condemned by a prune: their blobs will be stored again if "
+                     "needed", len(self.condemned))
+        unusable = missing | self.condemned
+        self.index.set_pack_filter(lambda pid: pid not in unusable)
 
     def session(self, check: Callable[[], None] | None = None, **kw: Any) -> WriteSession:
         self.require_current_format("writing")

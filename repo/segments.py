@@ -10,6 +10,7 @@ segments (a msgpack list per pack) are still read.
 
 from __future__ import annotations
 
+import secrets
 import struct
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
@@ -79,6 +80,9 @@ def encode_packed(codec: Codec, hasher: Hasher, ids: Sequence[bytes],
         "packs": [[pid, size] for pid, size in zip(ids, sizes, strict=True)],
         "entries": entries,
         "supersedes": list(supersedes),
+        # Two segments never share an id, even with the same entries: a segment written
+        # again after a merge superseded its twin would otherwise count as superseded.
+        "salt": secrets.token_bytes(16),
     })
     return index_key(hasher.id(raw)), raw
 

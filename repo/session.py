@@ -91,6 +91,8 @@ class WriteSession:
         self._error: BaseException | None = None
         self._uploaders: list[threading.Thread] = []
         self._closed = False
+        #: Pack ids a prune condemned: a new pack must not take one (docs/format.md §13).
+        self.avoid = repo.condemned
 
     def known(self, blob_id: bytes) -> bool:
         """Whether the blob is usable in the index or already on its way into a pack."""
@@ -117,7 +119,12 @@ class WriteSession:
 
     def add_pack(self, pack_id: bytes, data: bytes, entries: list[BlobEntry]) -> None:
         """Store a whole pack as it is (its id is the keyed hash of ``data``); its blobs become
-        known like any others once the segment naming it is durable."""
+        known like any others once the segment naming it is durable. A pack a prune condemned
+        is not stored under its id again: its blobs go into new packs."""
+        if pack_id in self.avoid:
+            for e in entries:
+                self.add_stored(e.id, e.type, data[e.offset:e.offset + e.length], e.raw_length)
+            return
         self._raise_upload_error()
         with self._lock:
             self._pending.update(e.id for e in entries)
@@ -187,7 +194,7 @@ class WriteSession:
             pack_id, parts, entries = builder.pack_id, [builder.data], builder.entries
         else:
             entries = list(builder.entries)
-            pack_id, parts = builder.seal(self.store.hasher, self.store.codec)
+            pack_id, parts = builder.seal(self.store.hasher, self.store.codec, self.avoid)
         self.store.put_pack(pack_id, parts)
         size = sum(len(p) for p in parts)
         self.repo.note_pack(pack_id, size)

@@ -16,13 +16,14 @@ from pathlib import Path
 from typing import Any
 
 from .errors import ConfigError
+from .retention import Policy
 from .spec import VM_NAME_RE
 
 #: Keys of the config file's top level, and the core's own keys of a VM's table.
-TOP_KEYS = frozenset({"repository", "vm", "storage", "remote"})
-CORE_VM_KEYS = frozenset({"source"})
+TOP_KEYS = frozenset({"repository", "vm", "storage", "remote", "keep"})
+CORE_VM_KEYS = frozenset({"source", "keep"})
 #: The core's own keys of a ``[remote.NAME]`` table (the rest are storage settings).
-REMOTE_KEYS = frozenset({"repository"})
+REMOTE_KEYS = frozenset({"repository", "keep"})
 
 SEARCH_PATH = (
     Path("vmrepo.toml"),
@@ -40,6 +41,24 @@ class Settings:
     storage: dict[str, Any] = field(default_factory=dict)
     #: Other repositories by name (``[remote.NAME]``: ``repository`` and storage settings).
     remotes: dict[str, dict[str, Any]] = field(default_factory=dict)
+    #: The retention policy of VMs without their own (top-level ``keep``).
+    keep: Policy | None = None
+
+    def policy(self, vm: str) -> Policy | None:
+        """The retention policy of ``vm``'s snapshots: its own ``keep``, else the top-level
+        one, else None."""
+        table = self.vms.get(vm, {})
+        if "keep" in table:
+            return self._policy(table["keep"], f"[vm.{vm}] keep")
+        return self.keep
+
+    def remote_policy(self, name: str) -> Policy | None:
+        """The retention policy a ``[remote.NAME]`` applies after each copy, if any."""
+        table = self.remotes.get(name, {})
+        return self._policy(table["keep"], f"[remote.{name}] keep") if "keep" in table else None
+
+    def _policy(self, table: Any, where: str) -> Policy:
+        return parse_policy(table, where, self.path)
 
     def location(self, name_or_url: str) -> tuple[str, dict[str, Any]]:
         """A remote's repository URL and storage settings, or a URL or path as it is."""
@@ -75,6 +94,18 @@ def check_keys(table: Mapping[str, Any], allowed: frozenset[str], where: str,
         origin = f"config file {path}: " if path else ""
         raise ConfigError(f"{origin}{where}: unknown key {key!r}{hint}",
                           str(path) if path else None)
+
+
+def parse_policy(table: Any, where: str, path: Path | None) -> Policy:
+    """A ``keep = { daily = 7, ... }`` table as a policy; ConfigError saying what is wrong."""
+    origin = f"config file {path}: " if path else ""
+    if not isinstance(table, dict):
+        raise ConfigError(f"{origin}{where}: expected a table such as "
+                          "{ daily = 7, weekly = 5, monthly = 12 }", str(path) if path else None)
+    try:
+        return Policy.from_mapping(table)
+    except ValueError as exc:
+        raise ConfigError(f"{origin}{where}: {exc}", str(path) if path else None) from None
 
 
 def find_config(explicit: str | None, env: Mapping[str, str] = os.environ) -> Path | None:
@@ -131,4 +162,10 @@ def load_settings(explicit: str | None, env: Mapping[str, str] = os.environ) -> 
                               str(path))
         if "://" not in table["repository"] and not table["repository"].startswith("/"):
             table["repository"] = str((path.parent / table["repository"]).absolute())
-    return Settings(path, os.path.expanduser(repo) if repo else None, vms, storage, remotes)
+    settings = Settings(path, os.path.expanduser(repo) if repo else None, vms, storage, remotes,
+                        parse_policy(doc["keep"], "keep", path) if "keep" in doc else None)
+    for name in vms:  # a bad policy is reported when the file is read, not when used
+        settings.policy(name)
+    for name in remotes:
+        settings.remote_policy(name)
+    return settings

@@ -43,6 +43,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from .errors import InvalidKey, ObjectNotFound, StorageError
+from .objectlock import ObjectLock
 
 Buffer = bytes | bytearray | memoryview
 #: What ``put`` stores: one buffer, or parts stored concatenated (no join needed).
@@ -170,6 +171,10 @@ class Backend(ABC):
             return False
         return True
 
+    def object_lock(self) -> ObjectLock | None:
+        """The store's object lock (S3 Object Lock), if it has one."""
+        return None
+
     def close(self) -> None:  # noqa: B027 - optional hook
         """Release resources; the default does nothing."""
 
@@ -215,6 +220,9 @@ class BackendWrapper(Backend):
 
     def delete(self, key: str) -> None:
         self.inner.delete(key)
+
+    def object_lock(self) -> ObjectLock | None:
+        return self.inner.object_lock()
 
     def close(self) -> None:
         self.inner.close()

@@ -40,7 +40,6 @@ from __future__ import annotations
 
 import base64
 import hashlib
-import http.client
 import io
 import logging
 import re
@@ -53,17 +52,11 @@ from typing import Any
 from urllib.parse import urlsplit
 
 import boto3
-import urllib3.exceptions
 from botocore.config import Config
 from botocore.exceptions import (
     BotoCoreError,
     ClientError,
-    HTTPClientError,
-    IncompleteReadError,
-    NoCredentialsError,
-    PartialCredentialsError,
 )
-from botocore.exceptions import ConnectionError as BotoConnectionError
 
 from .base import (
     Backend,
@@ -79,75 +72,16 @@ from .errors import (
     ObjectExists,
     ObjectNotFound,
     StorageError,
-    StorageFull,
-    StoragePermission,
     TransientError,
 )
+from .s3errors import code_of, one_line, precondition_failed, status_of, translate
+from .s3lock import S3ObjectLock
 
 log = logging.getLogger(__name__)
 
-_NOT_FOUND = frozenset({"NoSuchKey", "NoSuchBucket", "NotFound", "404"})
-_DENIED = frozenset({"AccessDenied", "Forbidden", "403", "InvalidAccessKeyId",
-                     "SignatureDoesNotMatch", "InvalidToken", "ExpiredToken",
-                     "AllAccessDisabled", "AccountProblem"})
-_TRANSIENT = frozenset({"SlowDown", "InternalError", "RequestTimeout", "ServiceUnavailable",
-                        "Throttling", "ThrottlingException", "TooManyRequests",
-                        "RequestTimeTooSkewed", "ConditionalRequestConflict",
-                        "OperationAborted"})
-_TRANSIENT_STATUS = frozenset({408, 429, 500, 502, 503, 504})
-_FULL = frozenset({"QuotaExceeded", "EntityTooLarge", "XMinioStorageFull"})
 #: What a store that does not know ``If-None-Match`` on PutObject answers.
 _UNSUPPORTED = frozenset({"NotImplemented", "InvalidArgument"})
-_TRANSIENT_EXC = (BotoConnectionError, HTTPClientError, IncompleteReadError,
-                  urllib3.exceptions.HTTPError, http.client.HTTPException, OSError)
 _BUCKET_RE = re.compile(r"[A-Za-z0-9._-]{1,255}")
-
-
-def _code(exc: ClientError) -> str:
-    return str(exc.response.get("Error", {}).get("Code", ""))
-
-
-def _status(exc: ClientError) -> int:
-    return int(exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode", 0) or 0)
-
-
-def _precondition_failed(exc: Exception) -> bool:
-    """Whether a conditional write failed because the object exists."""
-    return isinstance(exc, ClientError) and (_code(exc) == "PreconditionFailed"
-                                             or _status(exc) == 412)
-
-
-def _one_line(text: str, limit: int = 200) -> str:
-    text = " ".join(text.split())
-    return text if len(text) <= limit else text[: limit - 3] + "..."
-
-
-def _translate(exc: BaseException, key: str | None, what: str) -> StorageError:
-    """Map a boto3/botocore/urllib3 failure to the storage error tree, in one line."""
-    if isinstance(exc, StorageError):
-        return exc
-    if isinstance(exc, ClientError):
-        code, status = _code(exc), _status(exc)
-        label = f"HTTP {status}" if code in ("", str(status)) else f"{code} (HTTP {status})"
-        if code in _DENIED or (status in (401, 403) and code not in _TRANSIENT | _FULL):
-            # The server's text of a refused request may echo the key id: leave it out.
-            return StoragePermission(f"{what}: access denied: {label}", key=key)
-        detail = _one_line(str(exc.response.get("Error", {}).get("Message", "")))
-        msg = f"{what}: {label}" + (f": {detail}" if detail else "")
-        if code in _NOT_FOUND or status == 404:
-            return ObjectNotFound(msg, key=key)
-        if code in _FULL:
-            return StorageFull(msg, key=key)
-        if code in _TRANSIENT or status in _TRANSIENT_STATUS:
-            return TransientError(msg, key=key)
-        return BackendUnavailable(msg, key=key)
-    if isinstance(exc, NoCredentialsError | PartialCredentialsError):
-        return StoragePermission(f"{what}: no usable AWS credentials (environment, "
-                                 "~/.aws files or profile)", key=key)
-    msg = f"{what}: {type(exc).__name__}: {_one_line(str(exc))}"
-    if isinstance(exc, _TRANSIENT_EXC) and "CERTIFICATE_VERIFY_FAILED" not in str(exc):
-        return TransientError(msg, key=key)
-    return BackendUnavailable(msg, key=key)
 
 
 def _epoch(when: Any) -> float | None:
@@ -221,6 +155,7 @@ class S3Backend(Backend):
         self._conditional = conditional_writes
         self.atomic_create = conditional_writes is not False
         self._probe_lock = threading.Lock()
+        self._lock = S3ObjectLock(self)
         try:
             config = Config(max_pool_connections=concurrency, connect_timeout=connect_timeout,
                             read_timeout=read_timeout,
@@ -239,7 +174,7 @@ class S3Backend(Backend):
                                                region_name=region, config=config)
         except (BotoCoreError, ValueError) as exc:
             raise BackendUnavailable(f"cannot open {self.location}: "
-                                     f"{_one_line(str(exc))}") from None
+                                     f"{one_line(str(exc))}") from None
         try:
             self._open_bucket(create)
         except BaseException:
@@ -275,7 +210,7 @@ class S3Backend(Backend):
             self._client.head_bucket(Bucket=self.bucket)
             return
         except Exception as exc:
-            err = _translate(exc, None, f"cannot open bucket s3://{self.bucket}")
+            err = translate(exc, None, f"cannot open bucket s3://{self.bucket}")
             if not isinstance(err, ObjectNotFound):
                 raise err from None
             if not create:
@@ -288,17 +223,32 @@ class S3Backend(Backend):
         try:
             self._client.create_bucket(**args)
         except ClientError as exc:
-            if _code(exc) != "BucketAlreadyOwnedByYou":
-                raise _translate(exc, None, f"cannot create bucket {self.bucket}") from None
+            if code_of(exc) != "BucketAlreadyOwnedByYou":
+                raise translate(exc, None, f"cannot create bucket {self.bucket}") from None
             log.debug("bucket %s exists already (created concurrently)", self.bucket)
         except Exception as exc:
-            raise _translate(exc, None, f"cannot create bucket {self.bucket}") from None
+            raise translate(exc, None, f"cannot create bucket {self.bucket}") from None
 
     def _name(self, key: str) -> str:
         return self._base + validate_key(key)
 
     def _where(self, key: str) -> str:
         return f"s3://{self.bucket}/{self._base}{key}"
+
+    # What the object lock (s3lock) works with.
+    name = _name
+    where = _where
+
+    @property
+    def client(self) -> Any:
+        return self._client
+
+    @property
+    def base(self) -> str:
+        return self._base
+
+    def object_lock(self) -> S3ObjectLock:
+        return self._lock
 
     def _put_object(self, name: str, data: Payload, if_none_match: bool) -> None:
         """One PutObject with the body's checksum; boto3's exceptions pass through."""
@@ -318,6 +268,10 @@ class S3Backend(Backend):
             args["ChecksumCRC32"] = base64.b64encode(crc.to_bytes(4, "big")).decode("ascii")
         if if_none_match:
             args["IfNoneMatch"] = "*"
+        lock = self._lock.put_args(name[len(self._base):])
+        if lock and "ChecksumCRC32" in args:  # object lock wants the algorithm named too
+            args["ChecksumAlgorithm"] = "CRC32"
+        args.update(lock)
         self._client.put_object(**args)
 
     def put(self, key: str, data: Payload) -> None:
@@ -325,7 +279,7 @@ class S3Backend(Backend):
         try:
             self._put_object(name, data, if_none_match=False)
         except Exception as exc:
-            raise _translate(exc, key, f"cannot write {self._where(key)}") from None
+            raise translate(exc, key, f"cannot write {self._where(key)}") from None
 
     def create(self, key: str, data: Payload) -> None:
         name = self._name(key)
@@ -337,9 +291,9 @@ class S3Backend(Backend):
         try:
             self._put_object(name, data, if_none_match=True)
         except Exception as exc:
-            if _precondition_failed(exc):
+            if precondition_failed(exc):
                 raise ObjectExists(f"{key} exists", key=key) from None
-            raise _translate(exc, key, f"cannot create {self._where(key)}") from None
+            raise translate(exc, key, f"cannot create {self._where(key)}") from None
 
     def _conditional_writes(self) -> bool:
         """Whether the store honours If-None-Match; probed once, at the first create."""
@@ -361,20 +315,23 @@ class S3Backend(Backend):
                 try:
                     self._put_object(name, b"probe", if_none_match=True)
                 except ClientError as exc:
-                    if attempt == 2 and _precondition_failed(exc):
+                    if attempt == 2 and precondition_failed(exc):
                         return True
-                    if _code(exc) in _UNSUPPORTED or _status(exc) == 501:
+                    if code_of(exc) in _UNSUPPORTED or status_of(exc) == 501:
                         return False
                     raise
             return False  # the second put went through: the header was ignored
         except Exception as exc:
-            raise _translate(exc, key, f"cannot probe conditional writes with "
+            raise translate(exc, key, f"cannot probe conditional writes with "
                                        f"{self._where(key)}") from None
         finally:
             try:
-                self._client.delete_object(Bucket=self.bucket, Key=name)
+                if self._lock.retention is not None:  # versioned: remove every version
+                    self._lock.delete(key)
+                else:
+                    self._client.delete_object(Bucket=self.bucket, Key=name)
             except Exception as exc:  # noqa: BLE001 - a leftover probe does no harm
-                log.debug("cannot delete %s: %s", self._where(key), _one_line(str(exc)))
+                log.debug("cannot delete %s: %s", self._where(key), one_line(str(exc)))
 
     def get(self, key: str, offset: int = 0, length: int | None = None) -> bytes:
         name = self._name(key)
@@ -397,10 +354,10 @@ class S3Backend(Backend):
                 body.close()
         except Exception as exc:
             # A range from at or past the end: nothing to read there, or an error.
-            if isinstance(exc, ClientError) and _code(exc) == "InvalidRange" and \
+            if isinstance(exc, ClientError) and code_of(exc) == "InvalidRange" and \
                     check_range(key, self.stat(key).size, offset, length) == 0:
                 return b""
-            raise _translate(exc, key, what) from None
+            raise translate(exc, key, what) from None
         sent = resp.get("ContentLength")
         if sent is not None and len(data) != int(sent):
             raise TransientError(f"{what}: body cut short ({len(data)} of {sent} bytes)",
@@ -418,7 +375,7 @@ class S3Backend(Backend):
         try:
             resp = self._client.head_object(Bucket=self.bucket, Key=name)
         except Exception as exc:
-            raise _translate(exc, key, f"cannot stat {self._where(key)}") from None
+            raise translate(exc, key, f"cannot stat {self._where(key)}") from None
         if resp.get("ContentLength") is None:  # an answer cut short in its headers
             raise TransientError(f"cannot stat {self._where(key)}: no size in the answer",
                                  key=key)
@@ -439,17 +396,20 @@ class S3Backend(Backend):
                         yield ObjectInfo(name, int(item["Size"]),
                                          _epoch(item.get("LastModified")), _etag(item.get("ETag")))
         except Exception as exc:
-            raise _translate(exc, None, what) from None
+            raise translate(exc, None, what) from None
 
     def delete(self, key: str) -> None:
+        if self._lock.retention is not None:  # a versioned bucket: every version goes
+            self._lock.delete(key)
+            return
         name = self._name(key)
         try:
             self._client.delete_object(Bucket=self.bucket, Key=name)
         except Exception as exc:
-            if isinstance(exc, ClientError) and _code(exc) == "NoSuchKey":
-                log.debug("delete of absent %s: the store says %s", self._where(key), _code(exc))
+            if isinstance(exc, ClientError) and code_of(exc) == "NoSuchKey":
+                log.debug("delete of absent %s: the store says %s", self._where(key), code_of(exc))
                 return
-            raise _translate(exc, key, f"cannot delete {self._where(key)}") from None
+            raise translate(exc, key, f"cannot delete {self._where(key)}") from None
 
     def close(self) -> None:
         client = getattr(self, "_client", None)

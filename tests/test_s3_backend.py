@@ -45,7 +45,8 @@ from vmrepo.storage.errors import (
     TransientError,
 )
 from vmrepo.storage.retry import RetryingBackend
-from vmrepo.storage.s3 import S3Backend, _translate
+from vmrepo.storage.s3 import S3Backend
+from vmrepo.storage.s3errors import translate as _translate
 
 from .faultproxy import FaultProxy
 from .helpers import run_cli, run_json, write_sample_image

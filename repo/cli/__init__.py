@@ -8,10 +8,18 @@
     restore_cmds      restore
     insight_cmds      stats, diff, tag
     copy_cmds         copy
+    retention_cmds    forget, prune
 """
 
-from . import backup_cmds, copy_cmds, insight_cmds, repository_cmds, restore_cmds
+from . import (
+    backup_cmds,
+    copy_cmds,
+    insight_cmds,
+    repository_cmds,
+    restore_cmds,
+    retention_cmds,
+)
 from .app import cli, main
 
 __all__ = ["backup_cmds", "cli", "copy_cmds", "insight_cmds", "main", "repository_cmds",
-           "restore_cmds"]
+           "restore_cmds", "retention_cmds"]

@@ -1,7 +1,7 @@
 """The command-line frame: global options, the per-command context, and errors to exit codes.
 
 Global options (``-r/--repo``, ``--config``, ``--json``, ``-v``, ``--no-lock``,
-``--progress/--no-progress``) are accepted before and after the command:
+``--retry-lock``, ``--progress/--no-progress``) are accepted before and after the command:
 ``vmrepo -r /srv/repo init`` and ``vmrepo init -r /srv/repo`` mean the same.
 Every command prints exactly one JSON document on stdout with ``--json``.
 Errors print one line on stderr (and, with ``--json``, a JSON document on
@@ -18,6 +18,7 @@ import logging
 import os
 import signal
 import sys
+import time
 import traceback
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field, fields
@@ -28,7 +29,7 @@ from vmrepo.storage.base import Backend
 from vmrepo.storage.errors import StoragePermission
 
 from .. import __version__, exitcodes, logs
-from ..errors import ConfigError, Interrupted
+from ..errors import ConfigError, Interrupted, RepositoryLocked
 from ..locks import REPOSITORY, RepoLock, acquire
 from ..memtune import tune_malloc
 from ..plugins import open_backend
@@ -50,6 +51,7 @@ class Options:
     verbose: int = 0
     no_lock: bool = False
     progress: bool | None = None
+    retry_lock: str | None = None
 
     def merged(self, later: Options) -> Options:
         """These options overridden by those given after the command."""
@@ -66,6 +68,9 @@ _current = Options()
 
 
 def _global_options(f: F) -> F:
+    f = click.option("--retry-lock", "retry_lock", metavar="DURATION", default=None,
+                     help="Wait up to this long (e.g. 30s, 10m, 1h) for a conflicting lock "
+                          "to go, instead of failing at once.")(f)
     f = click.option("--progress/--no-progress", "progress", default=None,
                      help="Show progress on a terminal (default) or never.")(f)
     f = click.option("--no-lock", "no_lock", is_flag=True, default=False,
@@ -81,7 +86,23 @@ def _global_options(f: F) -> F:
     return f
 
 
-_GLOBAL_KEYS = ("repo", "config", "as_json", "verbose", "no_lock", "progress")
+_GLOBAL_KEYS = ("repo", "config", "as_json", "verbose", "no_lock", "progress", "retry_lock")
+_WAIT_UNITS = {"s": 1, "m": 60, "h": 3600}
+
+
+def parse_wait(text: str) -> float:
+    """Seconds of a ``--retry-lock`` duration: a number with unit s, m (minutes) or h."""
+    value, unit = text.strip()[:-1], text.strip()[-1:]
+    if unit not in _WAIT_UNITS:
+        value, unit = text.strip(), "s"
+    try:
+        seconds = float(value) * _WAIT_UNITS[unit]
+    except ValueError:
+        raise click.BadParameter(f"expected a duration such as 30s, 10m or 1h, not {text!r}",
+                                 param_hint="--retry-lock") from None
+    if seconds < 0:
+        raise click.BadParameter("must not be negative", param_hint="--retry-lock")
+    return seconds
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -169,8 +190,7 @@ class Context:
             yield None
             return
         try:
-            held = acquire(repo.store, operation, scope=scope, exclusive=exclusive,
-                           version=min(repo.config.version, 2))
+            held = self._acquire(repo, operation, scope, exclusive)
         except StoragePermission as exc:
             if not read_only:
                 raise
@@ -185,6 +205,24 @@ class Context:
             yield held
         finally:
             held.release()
+
+    def _acquire(self, repo: Repository, operation: str, scope: str,
+                 exclusive: bool) -> RepoLock:
+        """A lock, waiting for conflicting ones to go for up to ``--retry-lock``."""
+        wait = parse_wait(self.opts.retry_lock) if self.opts.retry_lock else 0.0
+        deadline = time.monotonic() + wait
+        pause = 1.0
+        while True:
+            try:
+                return acquire(repo.store, operation, scope=scope, exclusive=exclusive,
+                               version=min(repo.config.version, 2))
+            except RepositoryLocked:
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    raise
+                log.info("repository locked; trying again for %.0f s more", left)
+                time.sleep(min(pause, left))
+                pause = min(pause * 2, 15.0)
 
     def emit(self, doc: dict[str, Any], human: Callable[[], None]) -> None:
         requests = self.storage_requests()

@@ -3,14 +3,19 @@
 from __future__ import annotations
 
 import time
+from datetime import UTC, datetime
 
 import click
 
 from ..copy import copy_snapshots
+from ..immutability import extend_retention
+from ..prune import GRACE
+from ..retention import format_duration
 from ..snapshots import Snapshot
 from ..spec import VM_NAME_RE, parse_spec, resolve
 from ..units import human_bytes
 from .app import Context, command
+from .retention_cmds import apply_policy, parse_grace, prune_lines
 
 
 def select(snaps: list[Snapshot], specs: tuple[str, ...]) -> list[Snapshot]:
@@ -31,9 +36,14 @@ def select(snaps: list[Snapshot], specs: tuple[str, ...]) -> list[Snapshot]:
 @click.argument("specs", nargs=-1, metavar="[VM | VM@WHEN]...")
 @click.option("--to", "to", required=True, metavar="REPO|REMOTE",
               help="The destination: a [remote.NAME] of the config, or a URL or path.")
-def copy(ctx: Context, specs: tuple[str, ...], to: str) -> None:
+@click.option("--grace", "grace", default=format_duration(GRACE), metavar="DURATION",
+              show_default=True,
+              help="Grace period of the prune that applies the remote's keep policy.")
+def copy(ctx: Context, specs: tuple[str, ...], to: str, grace: str) -> None:
     """Copy snapshots the destination lacks (all, or those named), sending only the blobs it
-    lacks."""
+    lacks; then, if the remote has a `keep` policy, forget and prune there by it."""
+    period = parse_grace(grace)
+    policy = ctx.settings.remote_policy(to)
     src = ctx.open_repo()
     dst = ctx.open_repo(to)
     started = time.monotonic()
@@ -44,12 +54,31 @@ def copy(ctx: Context, specs: tuple[str, ...], to: str) -> None:
                                check_src=held_src.check if held_src else None,
                                check_dst=held_dst.check if held_dst else None)
     elapsed = time.monotonic() - started
+    offsite = None
+    extended = 0
+    if policy is not None:  # its prune extends the object lock too
+        offsite = apply_policy(ctx, dst, lambda vm: policy, grace=period)
+    elif dst.object_lock is not None:
+        extended = extend_retention(dst.backend, dst.config, dst.cache.root,
+                                    datetime.now(UTC)).extended
     if stats.transcoded:
         ctx.warn(f"{to} has other parameters (chunk size, hash key): the snapshots were "
                  "rebuilt there, which is slower; `init --copy-params-from` avoids it")
     doc = {"to": dst.backend.location, **stats.as_dict(), "seconds": round(elapsed, 3)}
+    if extended:
+        doc["objects_extended"] = extended
+    if offsite is not None:
+        doc["retention"] = {**offsite[0].as_dict(), "prune": offsite[1].as_dict()}
 
     def human() -> None:
+        if extended:
+            click.echo(f"{to}: extended the object lock of {extended} objects")
+        if offsite is not None:
+            the_plan, pruned = offsite
+            click.echo(f"{to}: {policy.describe() if policy else ''}: removed "
+                       f"{len(the_plan.removed)} snapshots, kept {len(the_plan.kept)}")
+            for line in prune_lines(pruned, period):
+                click.echo(f"{to}: {line}")
         if not stats.snapshots:
             click.echo(f"nothing to copy: {dst.backend.location} has all {len(snaps)} "
                        "snapshots already (0 bytes sent)")

@@ -6,6 +6,7 @@ from dataclasses import replace
 from datetime import UTC, datetime
 
 import click
+from vmrepo.storage.objectlock import MODES
 
 from ..config import DEFAULT_PACK_SIZE, DEFAULT_ZSTD_LEVEL, RepoConfig
 from ..locks import list_locks, remove_stale, stale_reason
@@ -26,8 +27,16 @@ from .app import Context, command
 @click.option("--copy-params-from", metavar="REPO|REMOTE",
               help="Take chunk size, hash key and the other parameters from this repository, "
                    "so that `vmrepo copy` between the two moves blobs as they are stored.")
+@click.option("--object-lock-days", type=click.IntRange(1, 36500), metavar="N",
+              help="S3 only: keep every object from deletion for N days after it is written "
+                   "(S3 Object Lock); copy and prune runs extend what is still kept.")
+@click.option("--object-lock-mode", type=click.Choice(MODES), default="governance",
+              show_default=True,
+              help="governance: users with the bypass permission may lift it; compliance: "
+                   "nobody can, not even the account's root.")
 def init(ctx: Context, chunk_size: str, pack_size: str, compression: str,
-         copy_params_from: str | None) -> None:
+         copy_params_from: str | None, object_lock_days: int | None,
+         object_lock_mode: str) -> None:
     """Create a new repository."""
     try:
         algorithm, level = parse_compression(compression)
@@ -41,11 +50,15 @@ def init(ctx: Context, chunk_size: str, pack_size: str, compression: str,
                       page_entries=src.config.page_entries, pack_size=src.config.pack_size,
                       compression=src.config.compression,
                       compression_level=src.config.compression_level)
+    if object_lock_days is not None:
+        cfg = cfg.with_object_lock(object_lock_days, object_lock_mode)
     r = Repository.init(ctx.backend_for(create=True), cfg, report=ctx.report)
     doc = {"repository": r.backend.location, **cfg.summary()}
     ctx.emit(doc, lambda: click.echo(
         f"created repository {cfg.repository_id} at {r.backend.location} "
-        f"(chunk size {human_bytes(cfg.chunk_size)})"))
+        f"(chunk size {human_bytes(cfg.chunk_size)}"
+        + (f", objects locked {object_lock_days} days in {object_lock_mode} mode"
+           if object_lock_days else "") + ")"))
 
 
 @command()

@@ -1,0 +1,43 @@
+"""Run the vmrepo command line in this process and SIGKILL it at a chosen storage call.
+
+Usage: ``python killpoint.py OPERATION PREFIX N WHEN -- VMREPO ARGS...``: the
+process kills itself at the N-th ``put``/``create``/``delete`` of a local
+repository key starting with PREFIX, ``before`` or ``after`` the call. Crash
+tests use it to stop a command exactly between two of its writes.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import sys
+from typing import Any
+
+from vmrepo.cli import main
+from vmrepo.storage.local import LocalBackend
+
+
+def arm(operation: str, prefix: str, nth: int, when: str) -> None:
+    original = getattr(LocalBackend, operation)
+    seen = 0
+
+    def hooked(self: LocalBackend, key: str, *args: Any, **kw: Any) -> Any:
+        nonlocal seen
+        hit = key.startswith(prefix)
+        if hit:
+            seen += 1
+        if hit and seen == nth and when == "before":
+            os.kill(os.getpid(), signal.SIGKILL)
+        result = original(self, key, *args, **kw)
+        if hit and seen == nth and when == "after":
+            os.kill(os.getpid(), signal.SIGKILL)
+        return result
+
+    setattr(LocalBackend, operation, hooked)
+
+
+if __name__ == "__main__":
+    op, pre, n, at, sep, *rest = sys.argv[1:]
+    assert sep == "--" and at in ("before", "after"), __doc__
+    arm(op, pre, int(n), at)
+    main(rest)
