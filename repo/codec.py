@@ -44,6 +44,7 @@ class RecordKind(Enum):
     LOCK = "lock"
     PACK_HEADER = "pack-header"
     MARK = "mark"
+    DAMAGE = "damage"
 
 
 def pack_map(fields: dict[str, Any]) -> bytes:

@@ -14,6 +14,7 @@
      ├── AmbiguousSnapshot      a spec matched several (carries the candidates)
      ├── ConfigError            config file missing, unreadable or invalid; unknown VM
      ├── RestoreError           output exists, sizes differ, backing image differs, qemu-img failed
+     ├── RestoreIncomplete      a salvage restore wrote zeros where data was damaged
      ├── OutputError            the output cannot be written: no space, read-only, permission, I/O
      ├── ExtentError            a source sent an extent outside its disk or overlapping another
      ├── SomeFailed             a command over several VMs failed for some of them
@@ -109,6 +110,17 @@ class RestoreError(VmrepoError):
     def __init__(self, message: str, path: str | None = None) -> None:
         super().__init__(message)
         self.path = path
+
+
+class RestoreIncomplete(VmrepoError):
+    """``restore --allow-damaged`` finished, with damaged ranges written as zeros (the
+    report, JSON included, was printed)."""
+
+    emitted = True
+
+    def __init__(self, message: str, ranges: Sequence[tuple[str, tuple[int, int]]] = ()) -> None:
+        super().__init__(message)
+        self.ranges = list(ranges)
 
 
 class OutputError(VmrepoError):

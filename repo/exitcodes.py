@@ -15,6 +15,7 @@ CONFIG = 3
 NO_SNAPSHOT = 4
 RESTORE = 5
 OUTPUT = 6
+INCOMPLETE = 7
 SOME_FAILED = 8
 NO_REPOSITORY = 10
 REPOSITORY_EXISTS = 11
@@ -35,6 +36,7 @@ TABLE: list[tuple[type[BaseException], int]] = [
     (e.SnapshotNotFound, NO_SNAPSHOT),
     (e.AmbiguousSnapshot, NO_SNAPSHOT),
     (e.RestoreError, RESTORE),
+    (e.RestoreIncomplete, INCOMPLETE),
     (e.OutputError, OUTPUT),
     (e.RepositoryNotFound, NO_REPOSITORY),
     (e.RepositoryExists, REPOSITORY_EXISTS),

@@ -67,6 +67,8 @@ INDEX_PREFIX = "index/"
 SNAPSHOT_PREFIX = "snapshots/"
 LOCK_PREFIX = "locks/"
 MARK_PREFIX = "marks/"
+DAMAGE_PREFIX = "damage/"
+QUARANTINE_PREFIX = "quarantine/"
 
 
 def pack_key(pack_id: bytes) -> str:
@@ -88,6 +90,10 @@ def lock_key(lock_id: str) -> str:
 
 def mark_key(mark_id: str) -> str:
     return f"{MARK_PREFIX}{mark_id}"
+
+
+def damage_key(record_id: str) -> str:
+    return f"{DAMAGE_PREFIX}{record_id}"
 
 
 def parse_hex_name(key: str, prefix: str, length: int = HEX_ID_LENGTH) -> str | None:

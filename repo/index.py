@@ -104,16 +104,20 @@ class Index:
         self._retired: list[Run] = []
         self._lock = threading.RLock()
         self._filter: PackFilter | None = None
+        self._bad: frozenset[tuple[bytes, bytes]] = frozenset()
         self._run_ok: dict[int, bytearray] = {}
         self.synced = False
         self._vanished = False
 
     # -- lookups -------------------------------------------------------------
 
-    def set_pack_filter(self, accept: PackFilter | None) -> None:
-        """Use only entries in packs ``accept`` approves (None: every pack)."""
+    def set_pack_filter(self, accept: PackFilter | None,
+                        bad_copies: frozenset[tuple[bytes, bytes]] = frozenset()) -> None:
+        """Use only entries in packs ``accept`` approves (None: every pack), and none of the
+        ``(blob id, pack id)`` copies in ``bad_copies`` (damage verify found)."""
         with self._lock:
             self._filter = accept
+            self._bad = bad_copies
             self._run_ok.clear()
 
     def _ok(self, run: Run, ref: int) -> bool:
@@ -138,13 +142,15 @@ class Index:
     def get(self, blob_id: bytes) -> Location | None:
         """The first entry of the blob in a pack the filter accepts."""
         with self._lock:
+            bad = self._bad
             for loc in self._mem.get(blob_id, ()):
-                if self._filter is None or self._filter(loc.pack_id):
+                if (self._filter is None or self._filter(loc.pack_id)) and \
+                        (not bad or (blob_id, loc.pack_id) not in bad):
                     return loc
             runs = list(self._runs)
         for run in runs:
             for _, ref, off, length, raw, btype in run.find(blob_id):
-                if self._ok(run, ref):
+                if self._ok(run, ref) and (not bad or (blob_id, run.pack_id(ref)) not in bad):
                     return Location(run.pack_id(ref), BlobType(btype), off, length, raw)
         return None
 

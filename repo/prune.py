@@ -30,16 +30,15 @@ from __future__ import annotations
 
 import logging
 from collections import defaultdict
-from collections.abc import Callable, Iterable
+from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from datetime import datetime, timedelta
 from typing import Any
 
-from vmrepo.storage.errors import ObjectNotFound
-
 from . import marks as marking
+from .compaction import drop_packs
 from .errors import IntegrityError
-from .format import INDEX_PREFIX, BlobType, index_key, pack_key, parse_hex_name
+from .format import INDEX_PREFIX, BlobType, pack_key
 from .immutability import extend_retention
 from .index import Location, Ordinals
 from .locks import list_locks, stale_reason
@@ -47,7 +46,6 @@ from .marks import Mark
 from .planner import ReadPlanner
 from .references import mark_referenced
 from .repository import Repository
-from .segments import ENTRY, MAX_SEGMENT_ENTRIES, Segment, encode_packed
 from .snapshots import Snapshot
 
 log = logging.getLogger(__name__)
@@ -56,8 +54,6 @@ log = logging.getLogger(__name__)
 MAX_UNUSED = 0.3
 #: Default time a mark waits before its packs may be deleted.
 GRACE = timedelta(days=1)
-#: Segments with fewer entries are merged into the segments a sweep writes.
-SMALL_SEGMENT = 1 << 14
 
 Clock = Callable[[], datetime]
 
@@ -297,7 +293,9 @@ def _sweep(repo: Repository, due: list[Mark], opts: PruneOptions,
         report.packs_deleted += sum(1 for p in delete if p in existing)
         report.bytes_deleted += sum(existing.get(p, 0) for p in delete)
         return []
-    _rewrite_index(repo, delete, report, opts)
+    replaced, written = drop_packs(repo.store, delete, opts.check)
+    report.segments_replaced += replaced
+    report.segments_written += written
     for pid in sorted(delete):
         if opts.check is not None:
             opts.check()
@@ -336,91 +334,6 @@ def _retained(repo: Repository, packs: set[bytes], existing: dict[bytes, int],
         latest = max(out.values())
         report.retained_until = max(latest, report.retained_until or latest)
     return out
-
-
-def _rewrite_index(repo: Repository, delete: set[bytes], report: PruneReport,
-                   opts: PruneOptions) -> None:
-    """Replace the segments naming deleted packs (and the small ones) by segments without
-    them; delete superseded segments. Each new segment supersedes only segments whose
-    every remaining entry it holds, so a crash between writes loses no entry."""
-    store = repo.store
-    listing = store.listing(INDEX_PREFIX, lambda k: parse_hex_name(k, INDEX_PREFIX) is not None)
-    present = {bytes.fromhex(i.key[len(INDEX_PREFIX):]) for i in listing}
-    superseded: set[bytes] = set()
-    plan: list[tuple[bytes, int]] = []  # (segment, entries it keeps)
-    touched = 0
-    for sid in sorted(present):
-        try:
-            seg = store.load_segment(sid)
-        except ObjectNotFound:
-            continue
-        superseded |= set(seg.supersedes)
-        if delete.intersection(seg.packs):
-            plan.append((sid, _kept_entries(seg, delete)))
-            touched += 1
-        elif len(seg) < SMALL_SEGMENT:
-            plan.append((sid, len(seg)))
-    plan = [(sid, keep) for sid, keep in plan if sid not in superseded]
-    if not touched and len(plan) < 2:
-        plan = []  # nothing to take out of the index and nothing worth merging
-    for group in _groups(plan):
-        if opts.check is not None:
-            opts.check()
-        segs = [(sid, store.load_segment(sid)) for sid in group]
-        if sum(len(s) for _, s in segs) or len(group) > 1:
-            ids, sizes, entries = _merged(segs, delete)
-            if entries:
-                key, raw = encode_packed(store.codec, store.hasher, ids, sizes, entries,
-                                         supersedes=sorted(group))
-                store.put_segment(key, raw)
-                report.segments_written += 1
-        for sid in group:
-            store.delete(index_key(sid))
-            report.segments_replaced += 1
-    for sid in sorted(superseded & present):  # leftovers of an interrupted sweep
-        store.delete(index_key(sid))
-
-
-def _kept_entries(seg: Segment, delete: set[bytes]) -> int:
-    gone = {ref for ref, pid in enumerate(seg.packs) if pid in delete}
-    return sum(1 for rec in seg.records() if rec[1] not in gone)
-
-
-def _groups(plan: list[tuple[bytes, int]]) -> Iterable[list[bytes]]:
-    group: list[bytes] = []
-    size = 0
-    for sid, keep in plan:
-        if group and size + keep > MAX_SEGMENT_ENTRIES:
-            yield group
-            group, size = [], 0
-        group.append(sid)
-        size += keep
-    if group:
-        yield group
-
-
-def _merged(segs: list[tuple[bytes, Segment]], delete: set[bytes]
-            ) -> tuple[list[bytes], list[int | None], bytes]:
-    """Packs, sizes and sorted entries of ``segs`` without the packs in ``delete``."""
-    numbers: dict[bytes, int] = {}
-    sizes: list[int | None] = []
-    records: list[bytes] = []
-    for _, seg in segs:
-        refs: list[int | None] = []
-        for pid, size in zip(seg.packs, seg.pack_sizes, strict=True):
-            if pid in delete:
-                refs.append(None)
-                continue
-            if pid not in numbers:
-                numbers[pid] = len(numbers)
-                sizes.append(size)
-            refs.append(numbers[pid])
-        for bid, ref, off, length, raw, btype in seg.records():
-            new = refs[ref]
-            if new is not None:
-                records.append(ENTRY.pack(bid, new, off, length, raw, btype))
-    records.sort()
-    return list(numbers), sizes, b"".join(records)
 
 
 # -- mark -------------------------------------------------------------------

@@ -9,7 +9,7 @@ from typing import Any
 from vmrepo.storage.base import Backend
 from vmrepo.storage.errors import ObjectNotFound, StorageError
 
-from . import marks
+from . import damage, marks
 from .cache import Cache
 from .codec import Codec
 from .config import RepoConfig
@@ -136,15 +136,17 @@ class Repository:
         self._packs = None
 
     def only_usable_packs(self) -> None:
-        """Let lookups skip entries in packs that are missing or that a prune condemned: a
-        snapshot must build neither on missing data nor on data about to be deleted, and its
-        new packs must not take a condemned pack's id. Call it after taking the lock: a
+        """Let lookups skip entries in packs that are missing, that a prune condemned or that
+        verify found damaged (and blob copies verify found damaged): a snapshot must build
+        neither on missing or damaged data nor on data about to be deleted, and its new packs
+        must not take a condemned pack's id. Call it after taking the lock: a
         prune lists the locks after writing its mark (docs/format.md §13). Costs a listing
         of the packs and of the marks. Packs named by segments that appear later (other
         writers') are accepted: a segment is written after its packs."""
         # Marks first, then the packs: a mark is deleted only after its packs, so packs seen
         # without their mark are seen gone.
         self.condemned = frozenset(marks.condemned(marks.load_marks(self.store)))
+        bad = damage.load(self.store)
         self.forget_pack_listing()
         existing = self.existing_packs()
         missing = {pid for pid in self.index.packs() if pid not in existing}
@@ -154,8 +156,11 @@ class Repository:
         if self.condemned:
             log.info("%d packs are condemned by a prune: their blobs will be stored again if "
                      "needed", len(self.condemned))
-        unusable = missing | self.condemned
-        self.index.set_pack_filter(lambda pid: pid not in unusable)
+        if bad:
+            log.info("verify found %d packs and %d blob copies damaged: what they hold will be "
+                     "stored again if needed", len(bad.packs), len(bad.copies))
+        unusable = missing | self.condemned | bad.packs
+        self.index.set_pack_filter(lambda pid: pid not in unusable, frozenset(bad.copies))
 
     def session(self, check: Callable[[], None] | None = None, **kw: Any) -> WriteSession:
         self.require_current_format("writing")

@@ -20,7 +20,7 @@ import os
 import subprocess
 import threading
 from collections.abc import Callable, Iterable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from vmrepo.sources.nbd.client import NbdClient
@@ -56,6 +56,34 @@ class RestoreStats:
     chunks_zero: int = 0
     #: Storage requests the read planner made.
     requests: int = 0
+    #: Byte ranges written as zeros because their data is damaged or missing (salvage).
+    damaged: list[tuple[int, int]] = field(default_factory=list)
+
+
+def disk_chunks(repo: Repository, manifest: Manifest, stats: RestoreStats,
+                allow_damaged: bool = False) -> Iterator[tuple[int, bytes]]:
+    """Every ``(chunk index, chunk id)`` of ``manifest``. A manifest page that cannot be read
+    stops the restore naming its byte range, or with ``allow_damaged`` yields zero ids for
+    its chunks and records the range."""
+    for page_no in range(len(manifest.page_ids)):
+        first, count = manifest.page_span(page_no)
+        try:
+            ids = split_page(repo.page(manifest, page_no), count, f"page {page_no}")
+        except IntegrityError as exc:
+            start = first * manifest.chunk_size
+            end = min(manifest.size, (first + count) * manifest.chunk_size)
+            if not allow_damaged:
+                raise unrestorable(exc, start, end) from None
+            stats.damaged.append((start, end))
+            ids = [ZERO_ID] * count
+        for slot, cid in enumerate(ids):
+            yield first + slot, cid
+
+
+def unrestorable(exc: IntegrityError | str, start: int, end: int) -> IntegrityError:
+    key = exc.key if isinstance(exc, IntegrityError) else None
+    return IntegrityError(f"{exc}: bytes {start}-{end} of the disk cannot be restored "
+                          "(--allow-damaged writes zeros there and goes on)", key=key)
 
 
 def run_tool(cmd: list[str], what: str) -> str:
@@ -81,10 +109,21 @@ def data_bytes(repo: Repository, manifest: Manifest) -> int:
 def write_disk(repo: Repository, manifest: Manifest, target: Target,
                chunks: Iterable[tuple[int, bytes]], stats: RestoreStats,
                progress: Progress | None, workers: int | None = None,
-               check: Callable[[], None] | None = None) -> None:
+               check: Callable[[], None] | None = None, allow_damaged: bool = False) -> None:
     """Write ``chunks`` (index, id) of ``manifest`` into ``target`` through the read planner;
-    zero chunks are written as zeros unless the target reads as zeros already."""
+    zero chunks are written as zeros unless the target reads as zeros already. A chunk no
+    copy of which is good stops the restore naming its byte range, or with
+    ``allow_damaged`` is written as zeros and its range recorded."""
     lock = threading.Lock()
+
+    def damaged(index: int, blob_id: bytes, why: str) -> None:
+        start = index * manifest.chunk_size
+        end = start + manifest.chunk_length(index)
+        if not allow_damaged:
+            raise unrestorable(IntegrityError(why, key=f"blob {blob_id.hex()}"), start, end)
+        target.write(start, repo.zero_chunk(end - start))
+        with lock:
+            stats.damaged.append((start, end))
 
     def deliver(index: int, data: bytes) -> None:
         length = manifest.chunk_length(index)
@@ -121,23 +160,24 @@ def write_disk(repo: Repository, manifest: Manifest, target: Target,
             yield cid, index
         flush_zeros()
 
-    planner: ReadPlanner[int] = ReadPlanner(repo, deliver, workers=workers, check=check)
+    planner: ReadPlanner[int] = ReadPlanner(repo, deliver, workers=workers, check=check,
+                                            damaged=damaged)
     stats.requests += planner.read(wanted()).requests
+    stats.damaged.sort()
 
 
 def restore_raw(repo: Repository, disk: DiskRecord, out: Path, *, force: bool = False,
                 progress: Progress | None = None, workers: int | None = None,
                 check: Callable[[], None] | None = None, sync: bool = True,
-                discard: bool = False) -> RestoreStats:
+                discard: bool = False, allow_damaged: bool = False) -> RestoreStats:
     """Write ``disk`` as a raw image at ``out``: a new sparse file (durable before it gets its
     name, with ``sync``) or, in place, a block device."""
     manifest = repo.manifest(disk.root)
     stats = RestoreStats()
     target = open_file_or_device(out, manifest.size, force=force, discard=discard, sync=sync)
     try:
-        write_disk(repo, manifest, target, iter_chunks(manifest, lambda n: repo.page(manifest,
-                                                                                      n)),
-                   stats, progress, workers, check)
+        write_disk(repo, manifest, target, disk_chunks(repo, manifest, stats, allow_damaged),
+                   stats, progress, workers, check, allow_damaged)
         target.finish()
     except BaseException:
         target.abort()
@@ -202,7 +242,8 @@ class _NewImage:
 
 def restore_qcow2(repo: Repository, disk: DiskRecord, out: Path, *, force: bool = False,
                   progress: Progress | None = None, workers: int | None = None,
-                  check: Callable[[], None] | None = None) -> RestoreStats:
+                  check: Callable[[], None] | None = None,
+                  allow_damaged: bool = False) -> RestoreStats:
     """Write ``disk`` as a new qcow2 image at ``out``."""
     manifest = repo.manifest(disk.root)
     check_new_file(out, force)
@@ -212,9 +253,8 @@ def restore_qcow2(repo: Repository, disk: DiskRecord, out: Path, *, force: bool 
     stats = RestoreStats()
     try:
         target = image.target(zero_filled=True)
-        write_disk(repo, manifest, target, iter_chunks(manifest, lambda n: repo.page(manifest,
-                                                                                      n)),
-                   stats, progress, workers, check)
+        write_disk(repo, manifest, target, disk_chunks(repo, manifest, stats, allow_damaged),
+                   stats, progress, workers, check, allow_damaged)
         target.finish()
         image.finish()
     except BaseException:

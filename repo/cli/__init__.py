@@ -9,6 +9,7 @@
     insight_cmds      stats, diff, tag
     copy_cmds         copy
     retention_cmds    forget, prune
+    verify_cmds       verify, repair
 """
 
 from . import (
@@ -18,8 +19,9 @@ from . import (
     repository_cmds,
     restore_cmds,
     retention_cmds,
+    verify_cmds,
 )
 from .app import cli, main
 
 __all__ = ["backup_cmds", "cli", "copy_cmds", "insight_cmds", "main", "repository_cmds",
-           "restore_cmds", "retention_cmds"]
+           "restore_cmds", "retention_cmds", "verify_cmds"]

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import click
 
-from ..errors import RestoreError
+from ..errors import RestoreError, RestoreIncomplete
 from ..format import ZERO_ID
 from ..output import output_error
 from ..progress import progress_bar
@@ -47,10 +47,15 @@ from .app import Context, command
 @click.option("--no-sync", is_flag=True,
               help="Do not wait until a raw image file is on disk before naming it (faster; "
                    "a host crash right after the restore may leave it incomplete).")
+@click.option("--allow-damaged", is_flag=True,
+              help="Write zeros where data is damaged or missing, finish the rest, list the "
+                   "ranges (exit code 7).")
 def restore(ctx: Context, spec: str, output: Path, disk: str | None, fmt: str,
             since: str | None, backing: str | None, no_check_backing: bool, force: bool,
-            discard: bool, workers: int | None, no_sync: bool) -> None:
+            discard: bool, workers: int | None, no_sync: bool, allow_damaged: bool) -> None:
     """Rebuild the disk images of a snapshot (VM@WHEN)."""
+    if allow_damaged and since:
+        raise click.UsageError("--allow-damaged restores whole images, not differential ones")
     if since and (fmt != "qcow2" or not backing):
         raise click.UsageError("--since needs --format qcow2 and --backing IMAGE")
     if backing and not since:
@@ -110,11 +115,12 @@ def restore(ctx: Context, spec: str, output: Path, disk: str | None, fmt: str,
                         check_backing=not no_check_backing, since_label=label(old))
                 elif fmt == "qcow2":
                     stats = restore_qcow2(r, d, target, force=force, progress=advance,
-                                          workers=workers, check=check)
+                                          workers=workers, check=check,
+                                          allow_damaged=allow_damaged)
                 else:
                     stats = restore_raw(r, d, target, force=force, progress=advance,
                                         workers=workers, check=check, sync=not no_sync,
-                                        discard=discard)
+                                        discard=discard, allow_damaged=allow_damaged)
                 results.append({"disk": d.name, "path": str(target), "size": d.size,
                                 "format": fmt, "differential": old is not None,
                                 **stats.__dict__})
@@ -127,6 +133,13 @@ def restore(ctx: Context, spec: str, output: Path, disk: str | None, fmt: str,
             kind = "differential " if res["differential"] else ""
             click.echo(f"restored {res['disk']} -> {res['path']} ({kind}{res['format']}, "
                        f"{human_bytes(res['bytes_written'])} written)")
+            for start, end in res["damaged"]:
+                click.echo(f"  damaged, written as zeros: bytes {start}-{end}")
         click.echo(f"done in {elapsed:.1f} s")
 
     ctx.emit(doc, human)
+    damaged = [(res["disk"], r_) for res in results for r_ in res["damaged"]]
+    if damaged:
+        raise RestoreIncomplete(f"restore incomplete: {len(damaged)} damaged ranges of "
+                                f"{len({d for d, _ in damaged})} disks written as zeros",
+                                ranges=damaged)
