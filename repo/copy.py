@@ -31,6 +31,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from vmrepo.sources.base import BackupContext, DiskStream, Extent, Source
+from vmrepo.storage.errors import StorageError
 
 from .backup import SnapshotOptions, take_snapshot
 from .errors import IntegrityError
@@ -155,7 +156,10 @@ def _copy_whole(src: Repository, session: WriteSession, pack_id: bytes,
     """Copy a pack as it is, if its bytes match its id (else the caller copies blob by blob,
     each checked)."""
     key = pack_key(pack_id)
-    data = src.store.get_range(key, 0, src.store.backend.stat(key).size)
+    try:
+        data = src.store.get_range(key, 0, src.store.backend.stat(key).size)
+    except StorageError:  # gone meanwhile (a prune of the source): blob by blob instead
+        return False
     if src.hasher.id(data) != pack_id:
         return False
     session.add_pack(pack_id, data, header)

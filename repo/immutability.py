@@ -91,9 +91,10 @@ class _Known:
 
 
 def extend_retention(backend: Backend, config: RepoConfig, cache_dir: Path,
-                     now: datetime) -> ExtendReport:
+                     now: datetime, skip: frozenset[str] = frozenset()) -> ExtendReport:
     """Extend the retention of everything the repository holds that has fewer than half
-    its days left (see the module docstring)."""
+    its days left (see the module docstring), except the keys in ``skip`` (packs a prune
+    condemned: their retention must run out so that they can be deleted)."""
     report = ExtendReport()
     lock = backend.object_lock()
     days = config.object_lock_days
@@ -105,7 +106,7 @@ def extend_retention(backend: Backend, config: RepoConfig, cache_dir: Path,
     seen: set[str] = set()
     for prefix in HELD:
         for info in backend.list(prefix):
-            if prefix == CONFIG_KEY and info.key != CONFIG_KEY:
+            if (prefix == CONFIG_KEY and info.key != CONFIG_KEY) or info.key in skip:
                 continue
             seen.add(info.key)
             report.checked += 1

@@ -256,6 +256,8 @@ class Index:
                 return
             log.info("an index segment vanished while it was read (a prune merged it): "
                      "reading the index again")
+        log.warning("index segments kept vanishing while the index was read (merges in "
+                    "progress): some blobs may look unindexed to this run")
 
     def _sync(self, store: RepoStore) -> None:
         listing = store.listing(INDEX_PREFIX, lambda k: parse_hex_name(k, INDEX_PREFIX) is not None)

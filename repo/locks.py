@@ -27,6 +27,7 @@ import os
 import secrets
 import socket
 import threading
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, replace
 from datetime import UTC, datetime, timedelta
@@ -42,6 +43,9 @@ from .store import RepoStore
 log = logging.getLogger(__name__)
 
 STALE_AFTER = timedelta(minutes=30)
+#: A holder stops this long after its last successful refresh (by its own monotonic
+#: clock), well before others may take its lock for stale.
+STOP_AFTER = timedelta(minutes=20)
 REFRESH_EVERY = 300.0
 LOCK_VERSION = 2
 REPOSITORY = "repository"
@@ -131,6 +135,33 @@ def stale_reason(lock: LockInfo, now: datetime, host: str | None = None) -> str 
     return None
 
 
+def alive_ids(store: RepoStore, own: str | None, now: datetime) -> set[str]:
+    """Ids of the locks that may still be held, judged by the store's clock where it can be:
+    a lock whose object was last written more than :data:`STALE_AFTER` before our own lock
+    was (both times from the store's listing) is stale whatever the hosts' clocks say; a
+    lock of this host whose process is gone is stale; otherwise the lock's own
+    ``refreshed`` time is compared with ``now``. Corrupt locks count as alive (they cannot be
+    judged). ``own`` (the caller's lock) is left out."""
+    written = {i.key[len(LOCK_PREFIX):]: i.mtime for i in store.listing(LOCK_PREFIX)}
+    ref = written.get(own) if own is not None else None
+    locks, corrupt = list_locks(store)
+    alive = {c.id for c in corrupt if c.id != own}
+    host = socket.gethostname()
+    for lk in locks:
+        if lk.id == own:
+            continue
+        why = stale_reason(lk, now, host)
+        if why is not None and why.startswith("process"):
+            continue
+        mtime = written.get(lk.id)
+        if ref is not None and mtime is not None:
+            if ref - mtime <= STALE_AFTER.total_seconds():
+                alive.add(lk.id)
+        elif why is None:
+            alive.add(lk.id)
+    return alive
+
+
 def list_locks(store: RepoStore) -> tuple[list[LockInfo], list[CorruptLock]]:
     """The readable locks and the corrupt records under ``locks/``."""
     locks, corrupt = [], []
@@ -163,12 +194,22 @@ class RepoLock:
         self.corrupt = corrupt
         self.refresh_every = refresh_every
         self.lost: LockLost | None = None
+        #: When the lock was last written, by this process's monotonic clock.
+        self._written = time.monotonic()
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._refresh, name="vmrepo-lock", daemon=True)
         self._thread.start()
 
+    def _overdue(self) -> bool:
+        return time.monotonic() - self._written > STOP_AFTER.total_seconds()
+
     def _refresh(self) -> None:
         while not self._stop.wait(self.refresh_every):
+            if self._overdue():  # suspended: others may have taken the lock for stale
+                self.lost = LockLost("the repository lock was not refreshed in time (was the "
+                                     "process suspended?); the operation stops",
+                                     lock=self.info.id)
+                return
             info = replace(self.info, refreshed=self.clock())
             try:
                 self.store.put_record(RecordKind.LOCK, lock_key(info.id),
@@ -180,12 +221,13 @@ class RepoLock:
                 log.debug("lock %s lost: %s", info.id, exc)
                 return
             self.info = info
+            self._written = time.monotonic()
 
     def check(self) -> None:
         """Raise :class:`LockLost` if the lock could not be kept."""
         if self.lost is not None:
             raise self.lost
-        if self.clock() - self.info.refreshed > STALE_AFTER:
+        if self._overdue() or self.clock() - self.info.refreshed > STOP_AFTER:
             self.lost = LockLost("the repository lock was not refreshed in time (was the "
                                  "process suspended?); the operation stops", lock=self.info.id)
             raise self.lost

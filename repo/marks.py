@@ -76,9 +76,11 @@ def arm(store: RepoStore, mark: Mark, sessions: list[str]) -> Mark:
     return armed
 
 
-def load_marks(store: RepoStore) -> list[Mark]:
-    """Every readable mark. A mark that cannot be read is reported and ignored: no sweep can
-    delete the packs it names (it does not know them), so using them stays safe."""
+def load_marks(store: RepoStore, writer: bool = False) -> list[Mark]:
+    """Every readable mark. A damaged mark is reported and ignored: no sweep can delete the
+    packs it names (it cannot read them either), so using them stays safe. A mark of a newer
+    version is ignored too, unless ``writer``: a writer refuses to run, since a newer prune
+    can read it and delete what it condemns."""
     marks = []
     for info in store.listing(MARK_PREFIX):
         try:
@@ -86,7 +88,13 @@ def load_marks(store: RepoStore) -> list[Mark]:
             marks.append(Mark.from_fields(rec, info.key))
         except ObjectNotFound:
             continue  # swept while we listed
-        except (IntegrityError, IncompatibleRepository) as exc:
+        except IncompatibleRepository as exc:
+            if writer:
+                raise IncompatibleRepository(f"{info.key} was written by a newer vmrepo "
+                                             f"({exc}): upgrade vmrepo to write into this "
+                                             "repository") from None
+            store.problem(info.key, f"prune mark of a newer vmrepo, ignored ({exc})")
+        except IntegrityError as exc:
             store.problem(info.key, f"unreadable prune mark, ignored ({exc})")
     return marks
 

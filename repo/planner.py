@@ -207,13 +207,30 @@ class ReadPlanner(Generic[T]):
 
     def _retry(self, blob_id: bytes, tags: list[T], why: str) -> None:
         """The planned copy failed: try every copy the index knows."""
-        if self.decode:
-            try:
+        try:
+            if self.decode:
                 self._give(tags, self.repo.read_blob(blob_id))
-                return
-            except IntegrityError as exc:
-                why = str(exc)
+            else:
+                self._give(tags, self._stored_copy(blob_id))
+            return
+        except IntegrityError as exc:
+            why = str(exc)
         self._fail(blob_id, tags, why)
+
+    def _stored_copy(self, blob_id: bytes) -> bytes:
+        """A copy of the blob as stored that passes its checks (for ``decode=False``)."""
+        errors = []
+        for loc in self.repo.index.locations(blob_id):
+            key = pack_key(loc.pack_id)
+            try:
+                stored = self.repo.store.get_range(key, loc.offset, loc.length)
+                self.repo.check_blob(blob_id, stored, loc.raw_length, f"blob in {key}")
+                return stored
+            except (IntegrityError, StorageError) as exc:
+                errors.append(str(exc))
+        raise IntegrityError(f"blob {blob_id.hex()[:16]}: no readable copy "
+                             f"({'; '.join(errors) or 'not in the index'})",
+                             key=f"blob {blob_id.hex()[:16]}")
 
     def _fail(self, blob_id: bytes, tags: list[T], why: str) -> None:
         with self._stats_lock:

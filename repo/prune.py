@@ -41,7 +41,7 @@ from .errors import IntegrityError
 from .format import INDEX_PREFIX, BlobType, pack_key
 from .immutability import extend_retention
 from .index import Location, Ordinals
-from .locks import list_locks, stale_reason
+from .locks import alive_ids
 from .marks import Mark
 from .planner import ReadPlanner
 from .references import mark_referenced
@@ -171,7 +171,9 @@ def _keep_immutable(repo: Repository, opts: PruneOptions, report: PruneReport) -
     report.bytes_purged = purged.bytes_deleted
     report.bytes_awaiting_release = purged.bytes_retained
     report.next_release = purged.next_release
-    extended = extend_retention(repo.backend, repo.config, repo.cache.root, now)
+    condemned = marking.condemned(marking.load_marks(repo.store))
+    extended = extend_retention(repo.backend, repo.config, repo.cache.root, now,
+                                frozenset(pack_key(p) for p in condemned))
     report.objects_extended = extended.extended
     report.retention_until = extended.until
 
@@ -180,10 +182,8 @@ def _keep_immutable(repo: Repository, opts: PruneOptions, report: PruneReport) -
 
 
 def _alive(repo: Repository, now: datetime, own: str | None) -> set[str]:
-    """Ids of the locks that may still be held (corrupt ones count: they cannot be judged)."""
-    locks, corrupt = list_locks(repo.store)
-    alive = {lk.id for lk in locks if lk.id != own and stale_reason(lk, now) is None}
-    return alive | {c.id for c in corrupt if c.id != own}
+    """Ids of the locks that may still be held (:func:`vmrepo.locks.alive_ids`)."""
+    return alive_ids(repo.store, own, now)
 
 
 def _arm_leftovers(repo: Repository, marks: list[Mark], opts: PruneOptions) -> list[Mark]:
@@ -260,6 +260,8 @@ def _sweep_due(repo: Repository, marks: list[Mark], opts: PruneOptions,
     alive = _alive(repo, now, opts.lock_id)
     due = [m for m in marks if _is_due(m, now, opts.grace, alive)]
     kept = _sweep(repo, due, opts, report) if due else []
+    if opts.dry_run:  # nothing was deleted: the marks still condemn their packs
+        return marks
     return [m for m in marks if m not in due] + kept
 
 
@@ -380,6 +382,11 @@ def _mark(repo: Repository, marks: list[Mark], opts: PruneOptions,
     if not (orphaned or unused or repack):
         return None
     if opts.dry_run:
+        if not opts.grace and not _alive(repo, opts.clock(), opts.lock_id):
+            # A real run would sweep its new mark at once (step 4).
+            report.marks_swept += 1
+            report.packs_deleted += len(orphaned) + len(unused) + len(repack)
+            report.bytes_deleted += report.bytes_condemned
         return None
     if repack:
         _repack(repo, repack, set(already) | set(orphaned) | set(unused), ordinals,

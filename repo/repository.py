@@ -145,7 +145,7 @@ class Repository:
         writers') are accepted: a segment is written after its packs."""
         # Marks first, then the packs: a mark is deleted only after its packs, so packs seen
         # without their mark are seen gone.
-        self.condemned = frozenset(marks.condemned(marks.load_marks(self.store)))
+        self.condemned = frozenset(marks.condemned(marks.load_marks(self.store, writer=True)))
         bad = damage.load(self.store)
         self.forget_pack_listing()
         existing = self.existing_packs()

@@ -103,9 +103,13 @@ def parse_policy(table: Any, where: str, path: Path | None) -> Policy:
         raise ConfigError(f"{origin}{where}: expected a table such as "
                           "{ daily = 7, weekly = 5, monthly = 12 }", str(path) if path else None)
     try:
-        return Policy.from_mapping(table)
+        policy = Policy.from_mapping(table)
     except ValueError as exc:
         raise ConfigError(f"{origin}{where}: {exc}", str(path) if path else None) from None
+    if policy.empty:
+        raise ConfigError(f"{origin}{where}: no keep rule (every count is 0)",
+                          str(path) if path else None)
+    return policy
 
 
 def find_config(explicit: str | None, env: Mapping[str, str] = os.environ) -> Path | None:

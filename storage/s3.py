@@ -45,6 +45,7 @@ import logging
 import re
 import secrets
 import threading
+import time
 import zlib
 from collections.abc import Iterator, Mapping
 from datetime import datetime
@@ -82,6 +83,8 @@ log = logging.getLogger(__name__)
 #: What a store that does not know ``If-None-Match`` on PutObject answers.
 _UNSUPPORTED = frozenset({"NotImplemented", "InvalidArgument"})
 _BUCKET_RE = re.compile(r"[A-Za-z0-9._-]{1,255}")
+#: Attempts at reaching the bucket when the backend is opened.
+OPEN_ATTEMPTS = 5
 
 
 def _epoch(when: Any) -> float | None:
@@ -206,13 +209,18 @@ class S3Backend(Backend):
                    checksum=_opt(opts, "checksum", str) or "crc32")
 
     def _open_bucket(self, create: bool) -> None:
-        try:
-            self._client.head_bucket(Bucket=self.bucket)
-            return
-        except Exception as exc:
-            err = translate(exc, None, f"cannot open bucket s3://{self.bucket}")
-            if not isinstance(err, ObjectNotFound):
-                raise err from None
+        for attempt in range(OPEN_ATTEMPTS):  # before the retry wrapper exists: retry here
+            try:
+                self._client.head_bucket(Bucket=self.bucket)
+                return
+            except Exception as exc:
+                err = translate(exc, None, f"cannot open bucket s3://{self.bucket}")
+                if isinstance(err, TransientError) and attempt + 1 < OPEN_ATTEMPTS:
+                    time.sleep(0.2 * 2 ** attempt)
+                    continue
+                if not isinstance(err, ObjectNotFound):
+                    raise err from None
+                break
             if not create:
                 raise ObjectNotFound(f"no bucket {self.bucket} at "
                                      f"{self._client.meta.endpoint_url}") from None

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import signal
+import socket
 import subprocess
 import time
 from pathlib import Path
@@ -22,12 +23,20 @@ class QemuNbd:
         args.append(str(image))
         self.proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
         deadline = time.monotonic() + 20
-        while not sock.exists():
+        while not self._accepting():  # the socket file appears before listen()
             if self.proc.poll() is not None or time.monotonic() > deadline:
                 err = self.proc.stderr.read().decode() if self.proc.stderr else ""
                 self.stop()
                 raise RuntimeError(f"qemu-nbd did not start: {err}")
             time.sleep(0.02)
+
+    def _accepting(self) -> bool:
+        with socket.socket(socket.AF_UNIX) as s:
+            try:
+                s.connect(str(self.sock))
+            except OSError:
+                return False
+        return True
 
     @property
     def url(self) -> str:

@@ -150,7 +150,11 @@ def test_forget_named_snapshots_and_policies_from_the_config(work: Path) -> None
     (("--keep-last", "1", "vm1@latest"), exitcodes.USAGE, "not both"),
     (("vm1@2020-01-01",), exitcodes.NO_SNAPSHOT, "no snapshot matches vm1@2020-01-01"),
     (("--keep-none",), exitcodes.USAGE, "name the VMs"),
-    (("--keep-last", "1", "--grace", "soon"), exitcodes.USAGE, "invalid duration 'soon'"),
+    (("--keep-last", "1", "--grace", "soon"), exitcodes.USAGE, "not 'soon'"),
+    (("--keep-last", "1", "--grace", "9000y"), exitcodes.USAGE, "not '9000y'"),
+    (("--keep-last", "1", "--grace", "99999d"), exitcodes.USAGE, "longer than ten years"),
+    (("--keep-last", "0"), exitcodes.USAGE, "every --keep-* count is 0"),
+    (("nosuchvm", "--keep-last", "1"), exitcodes.NO_SNAPSHOT, "no snapshot of VM nosuchvm"),
     (("--keep-last", "1", "--max-unused", "150"), exitcodes.USAGE, "between 0 and 100"),
 ])
 def test_forget_errors_are_one_line(work: Path, args: tuple[str, ...], code: int,
@@ -389,14 +393,18 @@ def test_copy_applies_the_remote_policy(work: Path) -> None:
         sid = run_json("snapshot", "vm1", cwd=work,
                        env={"LD_PRELOAD": faketime, "FAKETIME": f"@{day} 12:00:00"})["id"]
         contents[day] = (sid, (work / "a.raw").read_bytes())
+    _config(work, "repo", '[remote.offsite]\nrepository = "offsite"\n')
+    run_cli("-r", "offsite", "init", "--copy-params-from", "repo", cwd=work)
+    assert run_json("copy", "--to", "offsite", cwd=work)["snapshots"] == 7
     _config(work, "repo", '[remote.offsite]\nrepository = "offsite"\nkeep = { monthly = 3 }\n',
             top="keep = { daily = 3 }\n")
-    run_cli("-r", "offsite", "init", "--copy-params-from", "repo", cwd=work)
     # The nightly routine: copy offsite (the remote's policy applies there), forget here.
     res = run_json("copy", "--to", "offsite", "--grace", "0", cwd=work)
-    assert res["snapshots"] == 7
     assert res["retention"]["kept"] == 3 and res["retention"]["removed"] == 4
     assert res["retention"]["prune"]["bytes_deleted"] > 0
+    again = run_json("copy", "--to", "offsite", "--grace", "0", cwd=work)
+    assert again["snapshots"] == 0 and again["bytes_sent"] == 0  # the forgotten stay away
+    assert again["left_out_by_policy"] == 4 and again["retention"]["removed"] == 0
     local = run_json("forget", "--prune", "--grace", "0", cwd=work)
     assert local["removed"] == 4 and local["prune"]["bytes_deleted"] > 0
     here = {s["id"] for s in run_json("snapshots", cwd=work)["snapshots"]}

@@ -6,6 +6,7 @@ import os
 import subprocess
 import time
 from datetime import UTC, datetime, timedelta
+from pathlib import Path
 
 import pytest
 from vmrepo.codec import Codec, RecordKind
@@ -13,8 +14,11 @@ from vmrepo.errors import LockLost, RepositoryLocked
 from vmrepo.format import Hasher, lock_key
 from vmrepo.locks import (
     REPOSITORY,
+    STALE_AFTER,
+    STOP_AFTER,
     LockInfo,
     acquire,
+    alive_ids,
     conflicts,
     list_locks,
     remove_stale,
@@ -23,6 +27,7 @@ from vmrepo.locks import (
 )
 from vmrepo.storage.errors import BackendUnavailable
 from vmrepo.storage.faulty import FaultyBackend
+from vmrepo.storage.local import LocalBackend
 from vmrepo.storage.memory import MemoryBackend
 from vmrepo.store import RepoStore
 
@@ -159,3 +164,33 @@ def test_a_lock_not_refreshed_in_time_is_lost() -> None:
     with pytest.raises(LockLost, match="in time"):
         lock.check()
     lock.release()
+
+
+def test_a_suspended_holder_never_revives_its_lock() -> None:
+    s = store()
+    lock = acquire(s, "snapshot", refresh_every=0.05)
+    before = list_locks(s)[0][0].refreshed
+    lock._written -= STOP_AFTER.total_seconds() + 1  # as if the process had been stopped
+    deadline = time.monotonic() + 5
+    while lock.lost is None and time.monotonic() < deadline:
+        time.sleep(0.01)
+    with pytest.raises(LockLost, match="in time"):
+        lock.check()
+    assert list_locks(s)[0][0].refreshed == before  # not rewritten after the pause
+    lock.release()
+
+
+def test_liveness_follows_the_store_clock_not_the_hosts(tmp_path: Path) -> None:
+    s = RepoStore(LocalBackend(tmp_path / "repo", create=True), Codec(), Hasher(b"k" * 32))
+    behind = acquire(s, "snapshot vm1", scope=vm_scope("vm1"), exclusive=True,
+                     clock=lambda: datetime.now(UTC) - timedelta(hours=2))  # a slow clock
+    ahead = acquire(s, "snapshot vm2", scope=vm_scope("vm2"), exclusive=True,
+                    clock=lambda: datetime.now(UTC) + timedelta(hours=2))  # a fast clock
+    own = acquire(s, "prune", scope="prune", exclusive=True)
+    # Written moments ago by the store's clock: alive, whatever their own times say.
+    assert alive_ids(s, own.info.id, datetime.now(UTC)) == {behind.info.id, ahead.info.id}
+    old = time.time() - STALE_AFTER.total_seconds() - 60  # not rewritten for 31 minutes
+    os.utime(tmp_path / "repo" / lock_key(ahead.info.id), (old, old))
+    assert alive_ids(s, own.info.id, datetime.now(UTC)) == {behind.info.id}
+    for lk in (behind, ahead, own):
+        lk.release()

@@ -157,17 +157,30 @@ def test_copy_and_prune_extend_the_lock_of_what_is_kept(locked: tuple[Path, str]
     if not Path(FAKETIME).exists():
         pytest.skip("needs libfaketime (Debian faketime)")
     work, bucket = locked
+    first = run_json("snapshot", "vm1", cwd=work)
+    _change(work / "a.raw", 2)
     run_cli("snapshot", "vm1", cwd=work)
-    keys = [o["Key"] for o in _objects(bucket)]
+    run_cli("forget", f"vm1@{first['id'][:8]}", cwd=work)
+    marked = run_json("prune", "--max-unused", "0", cwd=work)  # condemned, waiting a day
+    condemned = marked["packs_unused"] + marked["packs_repacked"]
+    assert condemned > 0
+    keys = [o["Key"] for o in _objects(bucket) if not o["Key"].startswith(("repo/marks/",
+                                                                            "repo/locks/"))]
     before = {k: _until(bucket, k) for k in keys}
-    # Twenty hours on, less than half the lock is left: a prune extends it to now + 1 day.
+    # Twenty hours on, less than half the lock is left: a prune extends it to now + 1 day,
+    # except for the condemned packs, whose lock must run out.
     later = {"LD_PRELOAD": FAKETIME, "FAKETIME": "+20h"}
-    rep = run_json("prune", cwd=work, env=later)
-    assert rep["objects_extended"] == len(keys)
+    rep = run_json("prune", "--max-unused", "0", cwd=work, env=later)
+    assert rep["objects_extended"] == len(keys) - condemned
+    kept = 0
     for k in keys:
         until = _until(bucket, k)
         assert until is not None
-        assert until - before[k] > timedelta(hours=19), k  # type: ignore[operator]
+        if until - before[k] > timedelta(hours=19):  # type: ignore[operator]
+            kept += 1
+        else:
+            assert until == before[k] and k.startswith("repo/data/"), k
+    assert kept == len(keys) - condemned
     again = run_json("prune", cwd=work, env=later)
     assert again["objects_extended"] == 0  # dates it set are remembered
 

@@ -301,3 +301,16 @@ def test_a_snapshot_after_a_whole_prune_never_uses_what_it_deleted(where: Path) 
     reader = opened(where)
     assert content(reader, again) == data(1, 300 << 10)
     assert len(reader.index) > 0 and reader.index.get(again.disks[0].root) is not None
+
+
+def test_a_dry_run_counts_due_packs_once(where: Path) -> None:
+    repo = opened(where)
+    a = take(repo, "vm1", data(1))
+    take(repo, "vm1", data(2))
+    forget(where, a)
+    first = run_prune(where, grace=timedelta(days=1), now=T0)
+    dry = run_prune(where, grace=timedelta(days=1), now=T0 + timedelta(days=2), dry_run=True)
+    assert dry.marks_swept == 1 and dry.packs_deleted == first.packs_unused
+    assert dry.packs_unused == 0  # the due mark's packs are not marked a second time
+    zero = run_prune(where, grace=timedelta(), dry_run=True)  # still the same mark
+    assert zero.packs_deleted == first.packs_unused and zero.packs_unused == 0

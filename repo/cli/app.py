@@ -87,21 +87,22 @@ def _global_options(f: F) -> F:
 
 
 _GLOBAL_KEYS = ("repo", "config", "as_json", "verbose", "no_lock", "progress", "retry_lock")
-_WAIT_UNITS = {"s": 1, "m": 60, "h": 3600}
+_WAIT_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800}
 
 
-def parse_wait(text: str) -> float:
-    """Seconds of a ``--retry-lock`` duration: a number with unit s, m (minutes) or h."""
+def parse_wait(text: str, option: str = "--retry-lock") -> float:
+    """Seconds of a duration such as ``30s``, ``10m`` (minutes), ``2h``, ``1d``, ``2w``;
+    a bare number is seconds."""
     value, unit = text.strip()[:-1], text.strip()[-1:]
     if unit not in _WAIT_UNITS:
         value, unit = text.strip(), "s"
     try:
         seconds = float(value) * _WAIT_UNITS[unit]
     except ValueError:
-        raise click.BadParameter(f"expected a duration such as 30s, 10m or 1h, not {text!r}",
-                                 param_hint="--retry-lock") from None
-    if seconds < 0:
-        raise click.BadParameter("must not be negative", param_hint="--retry-lock")
+        raise click.BadParameter(f"expected a duration such as 30s, 10m, 2h or 1d, not "
+                                 f"{text!r}", param_hint=option) from None
+    if not seconds >= 0 or seconds == float("inf"):
+        raise click.BadParameter(f"{text!r} is not a usable duration", param_hint=option)
     return seconds
 
 

@@ -7,7 +7,10 @@ from datetime import UTC, datetime
 
 import click
 
+from .. import forget as forgetting
+from .. import marks
 from ..copy import copy_snapshots
+from ..format import pack_key
 from ..immutability import extend_retention
 from ..prune import GRACE
 from ..retention import format_duration
@@ -48,6 +51,17 @@ def copy(ctx: Context, specs: tuple[str, ...], to: str, grace: str) -> None:
     dst = ctx.open_repo(to)
     started = time.monotonic()
     snaps = select(src.snapshots(), specs)
+    left_out = 0
+    if policy is not None:
+        # Only what the remote's policy keeps, counting what it holds already: a snapshot it
+        # would forget right away is not sent (and sent again next time).
+        have = dst.snapshots()
+        ids = {h.id for h in have}
+        wanted = forgetting.plan(have + [s for s in snaps if s.id not in ids],
+                                 lambda vm: policy, datetime.now(UTC))
+        keep = {s.id for s in wanted.kept}
+        left_out = sum(1 for s in snaps if s.id not in keep and s.id not in ids)
+        snaps = [s for s in snaps if s.id in keep or s.id in ids]
     with ctx.lock(src, f"copy to {to}", read_only=True) as held_src, \
             ctx.lock(dst, f"copy from {src.config.repository_id[:8]}") as held_dst:
         stats = copy_snapshots(src, dst, snaps,
@@ -59,12 +73,15 @@ def copy(ctx: Context, specs: tuple[str, ...], to: str, grace: str) -> None:
     if policy is not None:  # its prune extends the object lock too
         offsite = apply_policy(ctx, dst, lambda vm: policy, grace=period)
     elif dst.object_lock is not None:
+        condemned = marks.condemned(marks.load_marks(dst.store))
         extended = extend_retention(dst.backend, dst.config, dst.cache.root,
-                                    datetime.now(UTC)).extended
+                                    datetime.now(UTC),
+                                    frozenset(pack_key(p) for p in condemned)).extended
     if stats.transcoded:
         ctx.warn(f"{to} has other parameters (chunk size, hash key): the snapshots were "
                  "rebuilt there, which is slower; `init --copy-params-from` avoids it")
-    doc = {"to": dst.backend.location, **stats.as_dict(), "seconds": round(elapsed, 3)}
+    doc = {"to": dst.backend.location, **stats.as_dict(), "seconds": round(elapsed, 3),
+           "left_out_by_policy": left_out}
     if extended:
         doc["objects_extended"] = extended
     if offsite is not None:

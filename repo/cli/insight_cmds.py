@@ -5,7 +5,7 @@ from __future__ import annotations
 import click
 
 from ..diff import diff as diff_snapshots
-from ..errors import SnapshotNotFound, SpecError
+from ..errors import SpecError
 from ..locks import vm_scope
 from ..snapshots import save_snapshot
 from ..spec import label, parse_spec, resolve
@@ -98,14 +98,11 @@ def tag(ctx: Context, spec: str, add: tuple[str, ...], remove: tuple[str, ...]) 
         if not t or any(c.isspace() or c == "," for c in t):
             raise SpecError(t, "a tag is a non-empty word without spaces or commas")
     r = ctx.open_repo()
-    snap = resolve(parse_spec(spec), r.snapshots())
-    # The VM's lock, as forget takes it: a record rewritten after a forget deleted it would
-    # bring back a snapshot whose data a prune may already have taken.
-    with ctx.lock(r, f"tag {snap.vm}", scope=vm_scope(snap.vm), exclusive=True):
-        current = {s.id: s for s in r.snapshots(snap.vm)}
-        if snap.id not in current:
-            raise SnapshotNotFound(f"{spec} (forgotten meanwhile)")
-        snap = current[snap.id]
+    wanted = parse_spec(spec)
+    # The VM's lock, as forget takes it, before the spec is resolved: a record rewritten
+    # after a forget deleted it would bring back a snapshot a prune may already have taken.
+    with ctx.lock(r, f"tag {wanted.vm}", scope=vm_scope(wanted.vm), exclusive=True):
+        snap = resolve(wanted, r.snapshots())
         before = list(snap.tags)
         snap.tags = [t for t in before if t not in remove] + \
             [t for t in dict.fromkeys(add) if t not in before]

@@ -10,27 +10,30 @@ from typing import Any
 import click
 
 from .. import forget as forgetting
-from ..errors import ConfigError, SpecError
+from ..errors import ConfigError, RepositoryLocked, SnapshotNotFound, SomeFailed, SpecError
 from ..forget import ForgetPlan
 from ..locks import RepoLock, vm_scope
 from ..prune import GRACE, MAX_UNUSED, PruneOptions, PruneReport, prune
 from ..repository import Repository
-from ..retention import Policy, format_duration, parse_duration
+from ..retention import Policy, format_duration
+from ..snapshots import Snapshot
 from ..spec import VM_NAME_RE, parse_spec, resolve
 from ..units import human_bytes
-from .app import Context, command
+from .app import Context, command, parse_wait
 
 PRUNE_SCOPE = "prune"
 
 
+#: Longer grace periods are surely a mistake.
+MAX_GRACE = timedelta(days=3650)
+
+
 def parse_grace(text: str) -> timedelta:
-    """A grace period: ``0`` or a duration such as ``12h``, ``1d``, ``2w``."""
-    if text.strip() == "0":
-        return timedelta()
-    try:
-        return parse_duration(text)
-    except ValueError as exc:
-        raise click.BadParameter(str(exc)) from None
+    """A grace period: ``0`` or a duration such as ``30m``, ``12h``, ``1d``, ``2w``."""
+    period = timedelta(seconds=parse_wait(text, "--grace"))
+    if period > MAX_GRACE:
+        raise click.BadParameter(f"{text!r} is longer than ten years", param_hint="--grace")
+    return period
 
 
 def parse_percent(text: str) -> float:
@@ -56,36 +59,53 @@ def prune_options(f: Callable[..., Any]) -> Callable[..., Any]:
     return f
 
 
+Decide = Callable[[list[Snapshot]], ForgetPlan]
+
+
 @contextlib.contextmanager
 def vm_locks(ctx: Context, repo: Repository, vms: list[str], operation: str
-             ) -> Iterator[list[RepoLock]]:
-    """The exclusive locks of ``vms`` (those a snapshot of each holds), in name order."""
+             ) -> Iterator[tuple[list[RepoLock], list[str]]]:
+    """The exclusive locks of ``vms`` (those a snapshot of each holds), in name order, and
+    the VMs whose lock another operation holds (each said in a warning)."""
     with contextlib.ExitStack() as stack:
-        held = []
+        held, busy = [], []
         for vm in sorted(set(vms)):
-            lock = stack.enter_context(ctx.lock(repo, f"{operation} {vm}", scope=vm_scope(vm),
-                                                exclusive=True))
+            try:
+                lock = stack.enter_context(ctx.lock(repo, f"{operation} {vm}",
+                                                    scope=vm_scope(vm), exclusive=True))
+            except RepositoryLocked as exc:
+                ctx.warn(f"{vm}: left as it is: {exc} (--retry-lock waits)")
+                busy.append(vm)
+                continue
             if lock is not None:
                 held.append(lock)
-        yield held
+        yield held, busy
 
 
-def remove_planned(ctx: Context, repo: Repository, the_plan: ForgetPlan) -> None:
-    """Delete the records the plan removes, each VM's lock held."""
-    removed = the_plan.removed
-    if not removed:
-        return
-    with vm_locks(ctx, repo, [s.vm for s in removed], "forget") as held:
-        current = {s.id for s in repo.snapshots()}
-        forgetting.remove(repo.store, [s for s in removed if s.id in current],
+def remove_planned(ctx: Context, repo: Repository, the_plan: ForgetPlan,
+                   decide: Decide) -> tuple[ForgetPlan, list[str]]:
+    """Delete what ``decide`` removes, deciding again under the locks of the VMs the first
+    plan touches (a snapshot may have been taken or forgotten meanwhile); return the plan
+    that was carried out and the VMs left alone because their lock was held."""
+    vms = sorted({s.vm for s in the_plan.removed})
+    if not vms:
+        return the_plan, []
+    with vm_locks(ctx, repo, vms, "forget") as (held, busy):
+        locked = set(vms) - set(busy)
+        final = decide([s for s in repo.snapshots() if s.vm not in busy])
+        forgetting.remove(repo.store, [s for s in final.removed if s.vm in locked],
                           check=lambda: check_all(held))
+    return final, busy
 
 
 def apply_policy(ctx: Context, repo: Repository, policy_of: forgetting.PolicyOf, *,
                  grace: timedelta) -> tuple[ForgetPlan, PruneReport]:
     """Forget by ``policy_of`` and prune (a remote's retention after a copy)."""
-    the_plan = forgetting.plan(repo.snapshots(), policy_of, datetime.now(UTC))
-    remove_planned(ctx, repo, the_plan)
+
+    def decide(snaps: list[Snapshot]) -> ForgetPlan:
+        return forgetting.plan(snaps, policy_of, datetime.now(UTC))
+
+    the_plan, _ = remove_planned(ctx, repo, decide(repo.snapshots()), decide)
     return the_plan, run_prune(ctx, repo, grace=grace, max_unused=MAX_UNUSED, dry_run=False)
 
 
@@ -111,8 +131,8 @@ def prune_lines(rep: PruneReport, grace: timedelta) -> list[str]:
     out = []
     parts = []
     if rep.packs_orphaned:
-        parts.append(f"{rep.packs_orphaned} orphaned ({human_bytes(rep.bytes_orphaned)}, "
-                     "left by interrupted snapshots)")
+        parts.append(f"{rep.packs_orphaned} in no index segment "
+                     f"({human_bytes(rep.bytes_orphaned)}, left by interrupted operations)")
     if rep.packs_unused:
         parts.append(f"{rep.packs_unused} unused ({human_bytes(rep.bytes_unused)})")
     if rep.packs_repacked:
@@ -177,9 +197,13 @@ def _policy_from_options(opts: dict[str, Any]) -> Policy | None:
     if not given:
         return None
     try:
-        return Policy.from_mapping(given)
+        policy = Policy.from_mapping(given)
     except ValueError as exc:
         raise click.BadParameter(str(exc)) from None
+    if policy.empty:
+        raise click.UsageError("no keep rule given: every --keep-* count is 0 (--keep-none "
+                               "with VM names removes all their snapshots)")
+    return policy
 
 
 def forget_lines(p: ForgetPlan, dry_run: bool) -> list[str]:
@@ -240,16 +264,18 @@ def forget(ctx: Context, targets: tuple[str, ...], dry_run: bool, then_prune: bo
     if named and (vms or cli_policy is not None or keep_none):
         raise click.UsageError("give either snapshots (VM@WHEN) or VMs and keep rules, not both")
     r = ctx.open_repo()
-    snaps = r.snapshots()
+    settings = ctx.settings
     if named:
-        the_plan = forgetting.chosen(list({s.id: s for s in (
-            resolve(parse_spec(t), snaps) for t in named)}.values()))
+        def decide(snaps: list[Snapshot]) -> ForgetPlan:
+            return forgetting.chosen(list({s.id: s for s in (
+                resolve(parse_spec(t), snaps) for t in named)}.values()))
     else:
-        if vms:
-            snaps = [s for s in snaps if s.vm in vms]
-        settings = ctx.settings
-        configured = settings.keep is not None or any(
-            settings.policy(vm) for vm in {s.vm for s in snaps})
+        known = {s.vm for s in r.snapshots()}
+        for vm in vms:
+            if vm not in known:
+                raise SnapshotNotFound(f"{vm}@... (no snapshot of VM {vm})")
+        in_scope = set(vms) if vms else known
+        configured = settings.keep is not None or any(settings.policy(vm) for vm in in_scope)
         if cli_policy is not None:
             policy_of: forgetting.PolicyOf = lambda vm: cli_policy  # noqa: E731
         elif configured:
@@ -262,18 +288,24 @@ def forget(ctx: Context, targets: tuple[str, ...], dry_run: bool, then_prune: bo
         else:
             raise ConfigError("no keep rule given: use --keep-last, --keep-daily, ... or "
                               "`keep = { daily = 7, ... }` in the config (top level or "
-                              "[vm.NAME]); --keep-none with VM names removes all their "
-                              "snapshots")
-        the_plan = forgetting.plan(snaps, policy_of, datetime.now(UTC), allow_empty=keep_none)
+                              "[vm.NAME]); with no rule, --keep-none and VM names remove "
+                              "all their snapshots")
+
+        def decide(snaps: list[Snapshot]) -> ForgetPlan:
+            return forgetting.plan([s for s in snaps if s.vm in in_scope], policy_of,
+                                   datetime.now(UTC), allow_empty=keep_none)
+
+    the_plan = decide(r.snapshots())
+    busy: list[str] = []
+    if not dry_run:
+        the_plan, busy = remove_planned(ctx, r, the_plan, decide)
     removed = the_plan.removed
     pruned: PruneReport | None = None
-    if not dry_run:
-        remove_planned(ctx, r, the_plan)
     if then_prune:
         pruned = run_prune(ctx, r, grace=period, max_unused=share, dry_run=dry_run,
                            forgotten=frozenset(s.id for s in removed) if dry_run
                            else frozenset())
-    doc = {"dry_run": dry_run, **the_plan.as_dict()}
+    doc = {"dry_run": dry_run, **the_plan.as_dict(), "skipped_vms": busy}
     if pruned is not None:
         doc["prune"] = pruned.as_dict()
 
@@ -284,3 +316,6 @@ def forget(ctx: Context, targets: tuple[str, ...], dry_run: bool, then_prune: bo
         click.echo("\n".join(lines))
 
     ctx.emit(doc, human)
+    if busy:
+        raise SomeFailed(f"the snapshots of {', '.join(busy)} were left as they are: another "
+                         "operation holds their lock")

@@ -76,7 +76,7 @@ def verify_cmd(ctx: Context, read_data: bool, subset: str | None, max_duration: 
     """Check the repository: every snapshot's data is indexed and where the index says;
     with --read-data every byte is read and checked. Names what damage affects."""
     parts = parse_subset(subset) if subset else None
-    seconds = parse_wait(max_duration) if max_duration else None
+    seconds = parse_wait(max_duration, "--max-duration") if max_duration else None
     r = ctx.open_repo()
     reports: list[VerifyReport] = []
     with ctx.lock(r, "verify", read_only=True) as held:
