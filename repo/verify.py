@@ -28,6 +28,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import blake3
 import msgpack
 from vmrepo.storage.errors import StorageError
 
@@ -156,6 +157,8 @@ class _Checker:
         self.used: dict[bytes, int] = {}
         #: Packs read_data read in this run.
         self.read_packs: set[bytes] = set()
+        #: Manifest blobs found unreadable (reported once, however many disks share them).
+        self.unreadable: set[bytes] = set()
 
     def find(self, key: str, problem: str) -> None:
         with self.lock:
@@ -311,17 +314,29 @@ class _Checker:
         read.blobs += nblobs
 
     def _check_pack(self, pid: bytes, size: int, entries: list[BlobEntry]) -> tuple[int, int]:
-        """Read a pack in ranges and check every blob; return bytes and blobs read."""
+        """Read a pack in ranges and check every blob, and, where the blobs cover it
+        without gaps, the whole pack against its id (magic, header and trailer too);
+        return bytes and blobs read."""
         key = pack_key(pid)
-        store, nbytes = self.repo.store, 0
-        for start, end, group in _ranges(entries, size):
+        store, nbytes, bad = self.repo.store, 0, False
+        ranges = list(_ranges(entries, size))
+        whole = bool(ranges) and all(ranges[i][1] == ranges[i + 1][0]
+                                     for i in range(len(ranges) - 1))
+        if whole:
+            ranges[0] = (0, *ranges[0][1:])
+            ranges[-1] = (ranges[-1][0], size, ranges[-1][2])
+        digest = blake3.blake3(key=self.repo.hasher.key, max_threads=1) if whole else None
+        for start, end, group in ranges:
             try:
                 data = memoryview(store.get_range(key, start, end - start))
             except StorageError as exc:
                 for e in group:
                     self._bad_copy(e.id, pid, f"cannot read it: {exc}")
+                digest, bad = None, True
                 continue
             nbytes += len(data)
+            if digest is not None:
+                digest.update(data)
             for e in group:
                 stored = data[e.offset - start:e.offset - start + e.length]
                 try:
@@ -329,11 +344,17 @@ class _Checker:
                                          f"blob {e.id.hex()[:16]} in {key}")
                 except IntegrityError as exc:
                     self._bad_copy(e.id, pid, str(exc))
+                    bad = True
             if self.opts.progress is not None:
                 self.opts.progress(len(data))
         for e in entries:
             if e.offset + e.length > size:
                 self._bad_copy(e.id, pid, f"lies past the end of {key} ({size} bytes)")
+        if digest is not None and not bad and digest.digest() != pid:
+            with self.lock:
+                self.report.bad_headers.add(pid)
+            self.find(key, "does not match its id, though every blob in it does: its "
+                           "magic, header or trailer is damaged (`vmrepo repair` rewrites it)")
         return nbytes, len(entries)
 
     def _bad_copy(self, bid: bytes, pid: bytes, why: str) -> None:
@@ -374,10 +395,16 @@ class _Checker:
         if not referenced[n]:
             referenced[n] = 1
             self.used[loc.pack_id] = self.used.get(loc.pack_id, 0) + loc.length
+        if bid in self.unreadable:
+            return False
         if not self._usable(bid):
             self.report.lost.setdefault(bid, btype)
             return False
         return True
+
+    def _unreadable(self, bid: bytes, what: str, exc: IntegrityError) -> None:
+        self.unreadable.add(bid)
+        self.find(f"blob {bid.hex()}", f"{what}: {exc}")
 
     def _disk_ranges(self, root: bytes, size: int, ordinals: Ordinals,
                      referenced: bytearray) -> Iterator[tuple[int, int]]:
@@ -387,7 +414,7 @@ class _Checker:
             try:
                 manifest = repo.manifest(root)
             except IntegrityError as exc:
-                self.find(f"blob {root.hex()}", f"manifest root: {exc}")
+                self._unreadable(root, "manifest root", exc)
         if manifest is None:
             yield 0, size
             return
@@ -402,7 +429,7 @@ class _Checker:
                 ids = split_page(repo.read_blob(pid, cache=True), count,
                                  f"page {pid.hex()[:16]}")
             except IntegrityError as exc:
-                self.find(f"blob {pid.hex()}", f"manifest page: {exc}")
+                self._unreadable(pid, "manifest page", exc)
                 yield span
                 continue
             for i, cid in enumerate(ids):

@@ -221,9 +221,9 @@ class S3Backend(Backend):
                 if not isinstance(err, ObjectNotFound):
                     raise err from None
                 break
-            if not create:
-                raise ObjectNotFound(f"no bucket {self.bucket} at "
-                                     f"{self._client.meta.endpoint_url}") from None
+        if not create:
+            raise ObjectNotFound(f"no bucket {self.bucket} at "
+                                 f"{self._client.meta.endpoint_url}") from None
         args: dict[str, Any] = {"Bucket": self.bucket}
         region = self._client.meta.region_name
         if region and region != "us-east-1":
