@@ -30,6 +30,7 @@ bench: system-deps bench-deps test-deps $(VENV)/.installed-test
 	$(PY) bench/bench.py $(BENCH_ARGS)
 	$(PY) bench/index_bench.py
 	$(PY) bench/nbd_read_bench.py
+	$(PY) bench/serve_bench.py
 
 system-deps:
 	@./.ci/apt-ensure $(SYSTEM_DEPS)

@@ -109,8 +109,8 @@ def bench(work: Path, blobs: int, size: int) -> bool:
         f'repository = "{work}/repo"\n[vm.big]\nsource = "file"\n'
         f'disks = {{ disk0 = "{img}" }}\n')
     cfg = ["--config", str(work / "vmrepo.toml")]
-    subprocess.run([vmrepo, "init", *cfg], check=True, stdout=subprocess.DEVNULL, env={
-        **os.environ, **env})
+    subprocess.run([vmrepo, "init", "--encryption", "none", *cfg], check=True,
+                   stdout=subprocess.DEVNULL, env={**os.environ, **env})
     t = time.monotonic()
     npacks, nseg = synthesize(work / "repo", blobs)
     print(f"bench: {blobs:,} blobs in {npacks:,} packs and {nseg} segments written in "

@@ -4,17 +4,19 @@ Every object passes through one :class:`Codec`:
 
 * **Records** (snapshot records, index segments, locks, pack headers, ...):
   one envelope byte, then the payload. Envelope ``0x00`` is a plain msgpack
-  map carrying ``v`` (the record version). Other envelope values are
-  reserved for authenticated encryption; a codec that meets one it cannot
-  open refuses the object.
+  map carrying ``v`` (the record version); envelope ``0x01`` is that map
+  sealed (:mod:`vmrepo.crypto`) with associated data naming the repository
+  and the record's kind.
 * **Blobs** (chunks, manifest pages, manifest roots): one encoding byte whose
   low nibble is the compression (``0`` raw, ``1`` zstd) and whose high
-  nibble the encryption (``0`` none), then the payload.
+  nibble the encryption (``0`` none, ``1`` sealed, associated data: the blob's
+  id), then the payload.
 
-Each call names what the object is (``kind``) and, for blobs, its id: an
-authenticated cipher binds a ciphertext to exactly that, so that an object
-moved to another place or kind is refused. The plain codec checks shape,
-versions and lengths; ids are checked by the callers that know them.
+A codec with a cipher (an encrypted repository) seals everything but the
+config and key records, and refuses plain objects of other kinds (they could
+only have been put there by someone without the key). Each call names what
+the object is (``kind``) and, for blobs, its id, so that an object moved to
+another place or kind does not open. Ids are checked by the callers.
 """
 
 from __future__ import annotations
@@ -26,6 +28,7 @@ from typing import Any
 import msgpack
 import zstandard
 
+from .crypto import Cipher
 from .errors import IncompatibleRepository, IntegrityError
 
 ENVELOPE_PLAIN = 0x00
@@ -45,7 +48,13 @@ class RecordKind(Enum):
     PACK_HEADER = "pack-header"
     MARK = "mark"
     DAMAGE = "damage"
+    KEY = "key"
 
+
+#: Records that stay plain in an encrypted repository (read before the key is known).
+PLAIN_KINDS = frozenset({RecordKind.CONFIG, RecordKind.KEY})
+ENVELOPE_SEALED = 0x01
+ENCRYPTION_AEAD = 0x1
 
 def pack_map(fields: dict[str, Any]) -> bytes:
     out: bytes = msgpack.packb(fields, use_bin_type=True)
@@ -78,9 +87,12 @@ def check_version(fields: dict[str, Any], what: str, max_version: int) -> dict[s
 class Codec:
     """Encodes and decodes records and blobs; safe to share between threads."""
 
-    def __init__(self, compression_level: int = 3) -> None:
+    def __init__(self, compression_level: int = 3, cipher: Cipher | None = None,
+                 repository_id: str = "") -> None:
         #: zstd level, 0 for no compression.
         self.level = compression_level
+        self.cipher = cipher
+        self._record_aad = f"vmrepo record {repository_id} ".encode()
         self._local = threading.local()
 
     # -- records -------------------------------------------------------------
@@ -89,18 +101,32 @@ class Codec:
         """A record's stored bytes; ``fields`` must carry ``v``."""
         if "v" not in fields:
             raise ValueError("record without version")
-        return bytes([ENVELOPE_PLAIN]) + pack_map(fields)
+        if self.cipher is None or kind in PLAIN_KINDS:
+            return bytes([ENVELOPE_PLAIN]) + pack_map(fields)
+        return bytes([ENVELOPE_SEALED]) + self.cipher.seal(
+            pack_map(fields), self._record_aad + kind.value.encode())
 
     def decode_record(self, kind: RecordKind, raw: bytes, what: str,
                       max_version: int) -> dict[str, Any]:
-        """A record's fields, after checking envelope, shape and version."""
+        """A record's fields, after checking envelope, authenticity, shape and version."""
         if not raw:
             raise IntegrityError(f"{what}: empty record", key=what)
-        if raw[0] != ENVELOPE_PLAIN:
-            raise IntegrityError(f"{what}: unknown envelope {raw[0]:#04x} (damaged, or "
-                                 "written with encryption this repository does not use)",
-                                 key=what)
-        return check_version(unpack_map(memoryview(raw)[1:], what), what, max_version)
+        body: bytes | memoryview = memoryview(raw)[1:]
+        sealed = self.cipher is not None and kind not in PLAIN_KINDS
+        if raw[0] == ENVELOPE_SEALED and self.cipher is not None:
+            if not sealed:
+                raise IntegrityError(f"{what}: sealed, but this kind of record never is",
+                                     key=what)
+            body = self.cipher.open(body, self._record_aad + kind.value.encode(), what)
+        elif raw[0] == ENVELOPE_SEALED:
+            raise IntegrityError(f"{what}: encrypted, in a repository without encryption "
+                                 "(damaged, or put there from elsewhere)", key=what)
+        elif raw[0] != ENVELOPE_PLAIN:
+            raise IntegrityError(f"{what}: unknown envelope {raw[0]:#04x} (damaged)", key=what)
+        elif sealed:
+            raise IntegrityError(f"{what}: not encrypted, in an encrypted repository "
+                                 "(tampered with: refused)", key=what)
+        return check_version(unpack_map(body, what), what, max_version)
 
     # -- blobs ---------------------------------------------------------------
 
@@ -117,12 +143,17 @@ class Codec:
         return d
 
     def encode_blob(self, blob_id: bytes, data: bytes | bytearray | memoryview) -> bytes:
-        """A blob's stored form: zstd when it saves space, else raw."""
+        """A blob's stored form: zstd when it saves space, else raw; sealed in an encrypted
+        repository."""
+        enc: int = COMPRESSION_NONE
+        payload: bytes | bytearray | memoryview = data
         if self.level > 0:
             packed: bytes = self._compressor().compress(data)
             if len(packed) < len(data):
-                return bytes([COMPRESSION_ZSTD]) + packed
-        return bytes([COMPRESSION_NONE]) + bytes(data)
+                enc, payload = COMPRESSION_ZSTD, packed
+        if self.cipher is None:
+            return bytes([enc]) + bytes(payload)
+        return bytes([ENCRYPTION_AEAD << 4 | enc]) + self.cipher.seal(payload, blob_id)
 
     def decode_blob(self, blob_id: bytes, stored: bytes | memoryview, raw_length: int,
                     what: str) -> bytes:
@@ -130,10 +161,16 @@ class Codec:
         if not len(stored):
             raise IntegrityError(f"{what}: empty blob", key=what)
         enc = stored[0]
-        if enc >> 4:
+        body: bytes | memoryview = memoryview(stored)[1:]
+        if self.cipher is not None:
+            if enc >> 4 != ENCRYPTION_AEAD:
+                raise IntegrityError(f"{what}: not encrypted, in an encrypted repository "
+                                     "(tampered with: refused)", key=what)
+            body = self.cipher.open(body, blob_id, what)
+            enc &= 0x0F
+        elif enc >> 4:
             raise IntegrityError(f"{what}: encrypted blob in a repository without "
-                                 "encryption (damaged?)", key=what)
-        body = memoryview(stored)[1:]
+                                 "encryption (damaged, or put there from elsewhere)", key=what)
         if enc == COMPRESSION_NONE:
             data = bytes(body)
         elif enc == COMPRESSION_ZSTD:

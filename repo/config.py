@@ -16,6 +16,7 @@ from typing import Any
 from vmrepo.storage.objectlock import Retention
 
 from .codec import ENVELOPE_PLAIN, check_version, pack_map, unpack_map
+from .crypto import ALGORITHMS
 from .errors import IncompatibleRepository, IntegrityError
 from .format import FORMAT_VERSION, KNOWN_FEATURES, OBJECT_LOCK, OLDEST_VERSION, checksum
 
@@ -56,11 +57,16 @@ class RepoConfig:
     object_lock_days: int | None = None
     object_lock_mode: str = "governance"
 
+    @property
+    def encrypted(self) -> bool:
+        return self.encryption != "none"
+
     @classmethod
     def new(cls, chunk_size: int = DEFAULT_CHUNK, pack_size: int = DEFAULT_PACK_SIZE,
             compression_level: int = DEFAULT_ZSTD_LEVEL, compression: str = "zstd",
-            hash_key: bytes | None = None) -> RepoConfig:
-        """A fresh config with a random id (and a random hash key unless one is given)."""
+            hash_key: bytes | None = None, encryption: str = "none") -> RepoConfig:
+        """A fresh config with a random id (and a random hash key unless one is given; in an
+        encrypted repository the hash key is part of the master key, never in the config)."""
         check_chunk_size(chunk_size)
         if pack_size < chunk_size * 2:
             raise ValueError("pack size must be at least two chunks")
@@ -70,6 +76,8 @@ class RepoConfig:
             raise ValueError(f"compression must be one of {', '.join(COMPRESSIONS)}")
         if compression == "zstd" and not 1 <= compression_level <= 22:
             raise ValueError("zstd levels go from 1 to 22")
+        if encryption != "none" and encryption not in ALGORITHMS:
+            raise ValueError(f"encryption must be one of {', '.join(ALGORITHMS)} or none")
         return cls(
             repository_id=secrets.token_hex(16),
             chunk_size=chunk_size,
@@ -77,6 +85,7 @@ class RepoConfig:
             compression=compression,
             compression_level=compression_level if compression == "zstd" else 0,
             pack_size=pack_size,
+            encryption=encryption,
             created=datetime.now(UTC).isoformat(timespec="seconds"),
         )
 
@@ -94,7 +103,9 @@ class RepoConfig:
             "v": self.version,
             "id": self.repository_id,
             "chunk_size": self.chunk_size,
-            "hash": {"algorithm": "blake3-keyed", "key": self.hash_key},
+            # An encrypted repository's hash key is in its master key (keys/), never here.
+            "hash": {"algorithm": "blake3-keyed",
+                     "key": None if self.encrypted else self.hash_key},
             "compression": {"algorithm": self.compression, "level": self.compression_level},
             "pack_size": self.pack_size,
             "page_entries": self.page_entries,
@@ -142,7 +153,7 @@ class RepoConfig:
             cfg = cls(
                 repository_id=str(rec["id"]),
                 chunk_size=check_chunk_size(int(rec["chunk_size"])),
-                hash_key=bytes(rec["hash"]["key"]),
+                hash_key=bytes(rec["hash"]["key"] or b""),
                 compression=str(rec["compression"]["algorithm"]),
                 compression_level=int(rec["compression"]["level"]),
                 pack_size=int(rec["pack_size"]),
@@ -170,9 +181,9 @@ class RepoConfig:
                 version=cfg.version, features=missing)
         if hash_algorithm != "blake3-keyed" or cfg.compression not in COMPRESSIONS:
             raise IncompatibleRepository("config names an unknown hash or compression")
-        if cfg.encryption != "none":
+        if cfg.encrypted and cfg.encryption not in ALGORITHMS:
             raise IncompatibleRepository(f"encryption {cfg.encryption!r} is not supported")
-        if cfg.page_entries < 1 or len(cfg.hash_key) != 32 or not \
+        if cfg.page_entries < 1 or len(cfg.hash_key) != (0 if cfg.encrypted else 32) or not \
                 cfg.chunk_size * 2 <= cfg.pack_size <= MAX_PACK:
             raise IntegrityError("config: malformed parameters", key="config")
         return cfg
@@ -189,6 +200,7 @@ class RepoConfig:
             "chunk_size": self.chunk_size,
             "pack_size": self.pack_size,
             "compression": f"{self.compression}-{self.compression_level}",
+            "encryption": self.encryption,
             "created": self.created,
             "object_lock": None if self.object_lock_days is None else
             {"days": self.object_lock_days, "mode": self.object_lock_mode},

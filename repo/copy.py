@@ -64,10 +64,11 @@ class CopyStats:
 
 
 def same_parameters(a: Repository, b: Repository) -> bool:
-    """Whether blobs of ``a`` are valid, as stored, in ``b``."""
+    """Whether blobs of ``a`` are valid, as stored, in ``b``: same chunking, same ids and
+    the same encryption (algorithm and key, or none)."""
     ca, cb = a.config, b.config
-    return (ca.chunk_size, ca.hash_key, ca.page_entries) == (cb.chunk_size, cb.hash_key,
-                                                            cb.page_entries)
+    return (ca.chunk_size, a.hasher.key, ca.page_entries, ca.encryption, a.master) == \
+        (cb.chunk_size, b.hasher.key, cb.page_entries, cb.encryption, b.master)
 
 
 def copy_snapshots(src: Repository, dst: Repository, snaps: Sequence[Snapshot], *,

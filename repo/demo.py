@@ -117,7 +117,10 @@ class DemoVM:
 
 def vmrepo(work: Path, *args: str) -> Any:
     exe = Path(sys.executable).parent / "vmrepo"
-    res = subprocess.run([str(exe), *args, "--json"], cwd=work, capture_output=True, text=True)
+    # The demo repository is encrypted (the default); its passphrase is in a file.
+    env = {**os.environ, "VMREPO_PASSWORD_FILE": str(work / "passphrase")}
+    res = subprocess.run([str(exe), *args, "--json"], cwd=work, capture_output=True, text=True,
+                         env=env)
     if res.returncode != 0:
         sys.exit(f"demo: vmrepo {' '.join(args)} failed ({res.returncode}): {res.stderr.strip()}")
     return json.loads(res.stdout)
@@ -164,7 +167,11 @@ def run(work: Path, vm: DemoVM) -> None:
           + ", ".join(f"{n} ({human_bytes(s)} qcow2)" for n, s in DISKS.items()))
     fill(vm, rnd)
     print("demo: guest wrote 192 MiB random, 128 MiB text-like and 32 MiB repeated data")
-    vmrepo(work, "init")
+    (work / "passphrase").write_text(f"demo {rnd.randbytes(12).hex()}\n")
+    os.chmod(work / "passphrase", 0o600)
+    created = vmrepo(work, "init")
+    print(f"demo: created repository {created['id'][:8]} (encryption {created['encryption']}, "
+          "passphrase in a file named by VMREPO_PASSWORD_FILE)")
     snaps, refs = [], []
     for step in ("full", "incremental"):
         if step == "incremental":

@@ -18,6 +18,9 @@
      ├── OutputError            the output cannot be written: no space, read-only, permission, I/O
      ├── ExtentError            a source sent an extent outside its disk or overlapping another
      ├── SomeFailed             a command over several VMs failed for some of them
+     ├── WrongPassphrase        no key of an encrypted repository opens with the passphrase
+     ├── NoPassphrase           an encrypted repository needs a passphrase and none can be read
+     ├── KeyNotFound            no key (or several) matches the id given
      └── Interrupted            the operation was stopped by a signal
 
 Storage and source errors come from their own packages and are not wrapped.
@@ -145,6 +148,18 @@ class SomeFailed(VmrepoError):
     command's output, JSON included, already says which)."""
 
     emitted = True
+
+
+class WrongPassphrase(VmrepoError):
+    """The passphrase opens no key of the repository (or could not be read)."""
+
+
+class NoPassphrase(VmrepoError):
+    """A passphrase is needed but there is neither a source nor a terminal to ask on."""
+
+
+class KeyNotFound(VmrepoError):
+    """No key record (or more than one) matches what was given."""
 
 
 class Interrupted(VmrepoError):

@@ -23,6 +23,8 @@ LOCKED = 12
 INCOMPATIBLE = 13
 INTEGRITY = 14
 LOCK_LOST = 15
+WRONG_PASSPHRASE = 16
+NO_PASSPHRASE = 17
 SOURCE = 20
 STORAGE = 21
 INTERNAL = 70
@@ -42,6 +44,9 @@ TABLE: list[tuple[type[BaseException], int]] = [
     (e.RepositoryExists, REPOSITORY_EXISTS),
     (e.RepositoryLocked, LOCKED),
     (e.LockLost, LOCK_LOST),
+    (e.WrongPassphrase, WRONG_PASSPHRASE),
+    (e.NoPassphrase, NO_PASSPHRASE),
+    (e.KeyNotFound, USAGE),
     (e.ExtentError, SOURCE),
     (e.IncompatibleRepository, INCOMPATIBLE),
     (e.IntegrityError, INTEGRITY),

@@ -69,6 +69,7 @@ LOCK_PREFIX = "locks/"
 MARK_PREFIX = "marks/"
 DAMAGE_PREFIX = "damage/"
 QUARANTINE_PREFIX = "quarantine/"
+KEY_PREFIX = "keys/"
 
 
 def pack_key(pack_id: bytes) -> str:
@@ -90,6 +91,10 @@ def lock_key(lock_id: str) -> str:
 
 def mark_key(mark_id: str) -> str:
     return f"{MARK_PREFIX}{mark_id}"
+
+
+def key_key(key_id: str) -> str:
+    return f"{KEY_PREFIX}{key_id}"
 
 
 def damage_key(record_id: str) -> str:

@@ -9,11 +9,18 @@ from typing import Any
 from vmrepo.storage.base import Backend
 from vmrepo.storage.errors import ObjectNotFound, StorageError
 
-from . import damage, marks
+from . import damage, keys, marks
 from .cache import Cache
 from .codec import Codec
 from .config import RepoConfig
-from .errors import IncompatibleRepository, IntegrityError, RepositoryExists, RepositoryNotFound
+from .crypto import Cipher
+from .errors import (
+    IncompatibleRepository,
+    IntegrityError,
+    NoPassphrase,
+    RepositoryExists,
+    RepositoryNotFound,
+)
 from .format import (
     CONFIG_KEY,
     FORMAT_VERSION,
@@ -25,6 +32,7 @@ from .format import (
 )
 from .immutability import apply_object_lock
 from .index import Index
+from .keys import MasterKey
 from .manifest import Manifest, split_page
 from .session import WriteSession
 from .snapshots import Snapshot, load_snapshots
@@ -37,10 +45,17 @@ class Repository:
     """An opened repository. Blob reads verify each blob against its id."""
 
     def __init__(self, backend: Backend, config: RepoConfig, cache: Cache | None = None,
-                 report: Reporter = log_problem) -> None:
+                 report: Reporter = log_problem, master: MasterKey | None = None) -> None:
+        if config.encrypted and master is None:
+            raise NoPassphrase(f"{backend.location} is encrypted: its key is needed")
         self.config = config
-        self.hasher = Hasher(config.hash_key)
-        self.codec = Codec(config.codec_level)
+        #: The master key of an encrypted repository (None: not encrypted).
+        self.master = master if config.encrypted else None
+        #: The key record that opened it (with a passphrase).
+        self.key_used: keys.KeyInfo | None = None
+        self.hasher = Hasher(self.master.ids if self.master else config.hash_key)
+        cipher = Cipher(config.encryption, self.master.encryption) if self.master else None
+        self.codec = Codec(config.codec_level, cipher, config.repository_id)
         self.cache = cache if cache is not None else Cache.open(config.repository_id)
         self.store = RepoStore(backend, self.codec, self.hasher, self.cache, report)
         #: The store's object lock, in a repository that requires one.
@@ -56,9 +71,13 @@ class Repository:
         return self.store.backend
 
     @classmethod
-    def init(cls, backend: Backend, config: RepoConfig, **kw: Any) -> Repository:
+    def init(cls, backend: Backend, config: RepoConfig, passphrase: str | None = None,
+             master: MasterKey | None = None, **kw: Any) -> Repository:
         """Write ``config`` to an empty location; refuse an existing repository and a
-        location that holds anything else."""
+        location that holds anything else. An encrypted repository gets ``master`` (or a
+        new master key) sealed under ``passphrase``."""
+        if config.encrypted and not passphrase:
+            raise NoPassphrase("an encrypted repository needs a passphrase")
         if backend.exists(CONFIG_KEY):
             raise RepositoryExists(backend.location)
         present = []
@@ -75,15 +94,35 @@ class Repository:
             if backend.exists(CONFIG_KEY):
                 raise RepositoryExists(backend.location) from None
             raise exc
+        if config.encrypted:
+            assert passphrase is not None
+            master = master or MasterKey.new()
+            repo = cls(backend, config, master=master, **kw)
+            keys.add_key(repo.store, config.repository_id, master, passphrase, "init")
+            return repo
         return cls(backend, config, **kw)
 
     @classmethod
-    def open(cls, backend: Backend, **kw: Any) -> Repository:
+    def open(cls, backend: Backend, passphrase: Callable[[], str] | None = None,
+             **kw: Any) -> Repository:
+        """Open the repository at ``backend``; an encrypted one is unlocked with the
+        passphrase ``passphrase()`` gives (asked only then)."""
         try:
             raw = backend.get(CONFIG_KEY)
         except ObjectNotFound:
             raise RepositoryNotFound(backend.location) from None
-        repo = cls(backend, RepoConfig.decode(raw), **kw)
+        config = RepoConfig.decode(raw)
+        if config.encrypted and "master" not in kw:
+            if passphrase is None:
+                raise NoPassphrase(f"{backend.location} is encrypted: a passphrase is needed "
+                                   "(VMREPO_PASSWORD_FILE, VMREPO_PASSWORD_COMMAND or a "
+                                   "terminal)")
+            plain = RepoStore(backend, Codec(), Hasher(bytes(32)), None)
+            kw["master"], used = keys.unlock(plain, config.repository_id, passphrase())
+            repo = cls(backend, config, **kw)
+            repo.key_used = used
+        else:
+            repo = cls(backend, config, **kw)
         log.info("repository %s at %s (format %d)", repo.config.repository_id,
                  backend.location, repo.config.version)
         return repo

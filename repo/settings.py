@@ -23,7 +23,7 @@ from .spec import VM_NAME_RE
 TOP_KEYS = frozenset({"repository", "vm", "storage", "remote", "keep"})
 CORE_VM_KEYS = frozenset({"source", "keep"})
 #: The core's own keys of a ``[remote.NAME]`` table (the rest are storage settings).
-REMOTE_KEYS = frozenset({"repository", "keep"})
+REMOTE_KEYS = frozenset({"repository", "keep", "password_file", "password_command"})
 
 SEARCH_PATH = (
     Path("vmrepo.toml"),

@@ -167,6 +167,10 @@ def script(doc: Document, work: Path, bindir: str) -> str:
     for dev in devices:
         sh += [f"truncate -s 64M {dev}.img",
                f"ln -s $(losetup --find --show {dev}.img) {dev}"]
+    # Repositories are encrypted by default: the documents' commands find the passphrase
+    # where an operator's scripts would.
+    sh += ["echo 'docs sandbox passphrase' > /run/vmrepo-passphrase",
+           "export VMREPO_PASSWORD_FILE=/run/vmrepo-passphrase"]
     sh += [f"export PATH={shlex.quote(bindir)}:$PATH TZ=UTC",
            f"export LD_PRELOAD={FAKETIME} FAKETIME='@2024-05-01 10:00:00'"]
     for n, cmd in enumerate(doc.commands):

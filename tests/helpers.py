@@ -25,6 +25,11 @@ def vmrepo_bin() -> str:
 
 def run_cli(*args: str, cwd: Path | None = None, env: Mapping[str, str] | None = None,
             check: bool = True) -> subprocess.CompletedProcess[str]:
+    """Run the installed vmrepo. ``init`` makes an unencrypted repository unless the test
+    says otherwise (encryption has tests of its own; a passphrase costs a KDF per run)."""
+    if "init" in args and not any(a.startswith(("--encryption", "--copy-params-from"))
+                                  for a in args):
+        args = (*args, "--encryption", "none")
     full_env = {**os.environ, **(env or {})}
     res = subprocess.run([vmrepo_bin(), *args], cwd=cwd, env=full_env, capture_output=True,
                          text=True, timeout=600)

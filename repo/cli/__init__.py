@@ -6,22 +6,26 @@
     repository_cmds   init, upgrade, snapshots, show, locks, unlock
     backup_cmds       snapshot, bitmaps
     restore_cmds      restore
+    serve_cmds        serve (snapshots as NBD exports)
     insight_cmds      stats, diff, tag
     copy_cmds         copy
     retention_cmds    forget, prune
     verify_cmds       verify, repair
+    key_cmds          key (list, add, remove, passwd, export)
 """
 
 from . import (
     backup_cmds,
     copy_cmds,
     insight_cmds,
+    key_cmds,
     repository_cmds,
     restore_cmds,
     retention_cmds,
+    serve_cmds,
     verify_cmds,
 )
 from .app import cli, main
 
-__all__ = ["backup_cmds", "cli", "copy_cmds", "insight_cmds", "main", "repository_cmds",
-           "restore_cmds", "retention_cmds", "verify_cmds"]
+__all__ = ["backup_cmds", "cli", "copy_cmds", "insight_cmds", "key_cmds", "main", "repository_cmds",
+           "restore_cmds", "retention_cmds", "serve_cmds", "verify_cmds"]

@@ -29,7 +29,8 @@ from vmrepo.storage.base import Backend
 from vmrepo.storage.errors import StoragePermission
 
 from .. import __version__, exitcodes, logs
-from ..errors import ConfigError, Interrupted, RepositoryLocked
+from ..errors import ConfigError, Interrupted, NoPassphrase, RepositoryLocked
+from ..keys import passphrase_from_env
 from ..locks import REPOSITORY, RepoLock, acquire
 from ..memtune import tune_malloc
 from ..plugins import open_backend
@@ -166,9 +167,53 @@ class Context:
         return open_backend(url, create=create, options=options)
 
     def open_repo(self, name_or_url: str | None = None) -> Repository:
-        repo = Repository.open(self.backend_for(name_or_url), report=self.report)
+        backend = self.backend_for(name_or_url)
+        repo = Repository.open(backend, report=self.report,
+                               passphrase=lambda: self.passphrase(name_or_url,
+                                                                  backend.location))
         self._opened.append(repo)
         return repo
+
+    def _password_env(self, name_or_url: str | None, prefix: str = "VMREPO") -> dict[str, str]:
+        """Where a repository's passphrase comes from: its remote's ``password_file`` or
+        ``password_command``, else ``$<prefix>_PASSWORD_FILE`` / ``_COMMAND``."""
+        remote = self.settings.remotes.get(name_or_url or self.opts.repo or "")
+        if prefix == "VMREPO" and remote and ("password_file" in remote or
+                                              "password_command" in remote):
+            return {"VMREPO_PASSWORD_FILE": str(remote.get("password_file", "")),
+                    "VMREPO_PASSWORD_COMMAND": str(remote.get("password_command", ""))}
+        return {k.replace(prefix, "VMREPO", 1): v for k, v in os.environ.items()
+                if k.startswith(prefix + "_PASSWORD_")}
+
+    def passphrase(self, name_or_url: str | None, location: str) -> str:
+        """The passphrase of a repository (:meth:`_password_env`), else asked on the
+        terminal. Never taken from the command line."""
+        found = passphrase_from_env(self._password_env(name_or_url))
+        if found is not None:
+            return found
+        if sys.stdin.isatty():
+            return str(click.prompt(f"passphrase for {location}", hide_input=True, err=True,
+                                    show_default=False))
+        raise NoPassphrase(f"{location} is encrypted and no passphrase can be read: set "
+                           "VMREPO_PASSWORD_FILE (or VMREPO_PASSWORD_COMMAND), or run on a "
+                           "terminal")
+
+    def new_passphrase(self, name_or_url: str | None, location: str,
+                       prefix: str = "VMREPO") -> str:
+        """A passphrase for a new key (``prefix`` ``VMREPO_NEW`` for a key added to an
+        existing repository), or asked twice on the terminal."""
+        found = passphrase_from_env(self._password_env(name_or_url, prefix))
+        if found is not None:
+            if not found:
+                raise NoPassphrase(f"the new passphrase for {location} is empty")
+            return found
+        if sys.stdin.isatty():
+            return str(click.prompt(f"new passphrase for {location}", hide_input=True,
+                                    confirmation_prompt=True, err=True))
+        raise NoPassphrase(f"no passphrase for the key of {location}: set "
+                           f"{prefix}_PASSWORD_FILE (or {prefix}_PASSWORD_COMMAND), run on a "
+                           "terminal" + (", or choose --encryption none"
+                                         if prefix == "VMREPO" else ""))
 
     def storage_requests(self) -> dict[str, dict[str, int]]:
         """Requests each opened repository's store received, by operation."""

@@ -9,6 +9,7 @@ import click
 from vmrepo.storage.objectlock import MODES
 
 from ..config import DEFAULT_PACK_SIZE, DEFAULT_ZSTD_LEVEL, RepoConfig
+from ..crypto import ALGORITHMS
 from ..locks import list_locks, remove_stale, stale_reason
 from ..repository import Repository
 from ..snapshots import Snapshot
@@ -34,29 +35,45 @@ from .app import Context, command
               show_default=True,
               help="governance: users with the bypass permission may lift it; compliance: "
                    "nobody can, not even the account's root.")
+@click.option("--encryption", type=click.Choice([*ALGORITHMS, "none"]), default=None,
+              help="Encrypt and authenticate everything (default aes-256-gcm; the key is "
+                   "sealed by a passphrase from VMREPO_PASSWORD_FILE, VMREPO_PASSWORD_COMMAND "
+                   "or the terminal), or none.")
 def init(ctx: Context, chunk_size: str, pack_size: str, compression: str,
          copy_params_from: str | None, object_lock_days: int | None,
-         object_lock_mode: str) -> None:
+         object_lock_mode: str, encryption: str | None) -> None:
     """Create a new repository."""
     try:
         algorithm, level = parse_compression(compression)
         cfg = RepoConfig.new(parse_size(chunk_size), parse_size(pack_size),
-                             compression_level=level, compression=algorithm)
+                             compression_level=level, compression=algorithm,
+                             encryption=encryption or ALGORITHMS[0])
     except ValueError as exc:
         raise click.BadParameter(str(exc)) from None
+    master = None
     if copy_params_from:
         src = ctx.open_repo(copy_params_from)
-        cfg = replace(cfg, chunk_size=src.config.chunk_size, hash_key=src.config.hash_key,
+        if encryption is not None and encryption != src.config.encryption:
+            raise click.UsageError(f"--copy-params-from takes the encryption of the source "
+                                   f"({src.config.encryption}) with its key, so that copies "
+                                   "move blobs as they are stored")
+        cfg = replace(cfg, chunk_size=src.config.chunk_size, hash_key=src.hasher.key,
                       page_entries=src.config.page_entries, pack_size=src.config.pack_size,
                       compression=src.config.compression,
-                      compression_level=src.config.compression_level)
+                      compression_level=src.config.compression_level,
+                      encryption=src.config.encryption)
+        master = src.master
     if object_lock_days is not None:
         cfg = cfg.with_object_lock(object_lock_days, object_lock_mode)
-    r = Repository.init(ctx.backend_for(create=True), cfg, report=ctx.report)
+    passphrase = None
+    if cfg.encrypted:
+        passphrase = ctx.new_passphrase(None, ctx.repo_url())
+    r = Repository.init(ctx.backend_for(create=True), cfg, passphrase=passphrase,
+                        master=master, report=ctx.report)
     doc = {"repository": r.backend.location, **cfg.summary()}
     ctx.emit(doc, lambda: click.echo(
         f"created repository {cfg.repository_id} at {r.backend.location} "
-        f"(chunk size {human_bytes(cfg.chunk_size)}"
+        f"(chunk size {human_bytes(cfg.chunk_size)}, encryption {cfg.encryption}"
         + (f", objects locked {object_lock_days} days in {object_lock_mode} mode"
            if object_lock_days else "") + ")"))
 

@@ -1,0 +1,95 @@
+"""The key command: the passphrases that open an encrypted repository's master key."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import click
+
+from .. import keys
+from ..errors import ConfigError, KeyNotFound, WrongPassphrase
+from ..keys import MasterKey
+from ..repository import Repository
+from .app import Context, command
+
+ACTIONS = ("list", "add", "remove", "passwd", "export")
+
+
+def _unlocked(ctx: Context) -> tuple[Repository, keys.KeyInfo]:
+    """The repository, unlocked, and the key that opened it."""
+    r = ctx.open_repo()
+    if r.master is None or r.key_used is None:
+        raise ConfigError(f"{r.backend.location} is not encrypted: it has no keys")
+    return r, r.key_used
+
+
+@command()
+@click.argument("action", type=click.Choice(ACTIONS))
+@click.argument("key_id", required=False, metavar="[ID]")
+@click.option("--label", default="", help="A note stored with a new key (add, passwd).")
+@click.option("--from-export", "from_export", type=click.Path(path_type=Path), default=None,
+              help="add: the master key from `vmrepo key export` (when every passphrase is "
+                   "lost); no passphrase is asked for it.")
+def key(ctx: Context, action: str, key_id: str | None, label: str,
+        from_export: Path | None) -> None:
+    """Manage the passphrases of an encrypted repository: list, add (a new passphrase from
+    VMREPO_NEW_PASSWORD_FILE/_COMMAND or the terminal), remove ID, passwd (replace the
+    passphrase used), export (the master key, for a paper or offline copy)."""
+    if key_id is not None and action != "remove":
+        raise click.UsageError(f"`key {action}` takes no ID")
+    if action == "remove" and key_id is None:
+        raise click.UsageError("`key remove` needs the ID of the key (see `vmrepo key list`)")
+    if action == "add" and from_export is not None:
+        _add_from_export(ctx, from_export, label)
+        return
+    r, used = _unlocked(ctx)
+    store, rid = r.store, r.config.repository_id
+    assert r.master is not None
+    if action == "list":
+        infos = keys.list_keys(store)
+        ctx.emit({"keys": [{**k.__dict__, "current": k.id == used.id} for k in infos]},
+                 lambda: click.echo("\n".join(
+                     f"{'*' if k.id == used.id else ' '} {k.id[:8]}  {k.created}  {k.host}  "
+                     f"{k.label or '-'}" for k in infos)))
+    elif action in ("add", "passwd"):
+        new = keys.add_key(store, rid, r.master,
+                           ctx.new_passphrase(None, r.backend.location, "VMREPO_NEW"),
+                           label or action)
+        if action == "passwd":
+            keys.remove_key(store, used.id)
+        done = "replaced key" if action == "passwd" else "added key"
+        ctx.emit({"added": new.id, "removed": used.id if action == "passwd" else None},
+                 lambda: click.echo(f"{done} {new.id[:8]}"
+                                    + (f" (removed {used.id[:8]})" if action == "passwd"
+                                       else "")))
+    elif action == "remove":
+        assert key_id is not None
+        victim = keys.find(store, key_id)
+        if len(keys.list_keys(store)) < 2:
+            raise KeyNotFound(f"{victim.id[:8]} is the only key: removing it would lock "
+                              "everyone out (add another first)")
+        keys.remove_key(store, victim.id)
+        ctx.emit({"removed": victim.id}, lambda: click.echo(f"removed key {victim.id[:8]}"))
+    else:
+        text = r.master.export(rid)
+        ctx.emit({"export": text}, lambda: click.echo(
+            f"{text}\n(anyone holding this line can read the repository: keep it offline; "
+            "`vmrepo key add --from-export FILE` restores access with it)"))
+
+
+def _add_from_export(ctx: Context, path: Path, label: str) -> None:
+    backend = ctx.backend_for()
+    try:
+        rid, master = MasterKey.parse_export(path.read_text())
+    except (OSError, UnicodeDecodeError, ValueError) as exc:
+        raise WrongPassphrase(f"cannot use {path}: {exc}") from None
+    r = Repository.open(backend, master=master, report=ctx.report)
+    if r.config.repository_id != rid:
+        raise WrongPassphrase(f"{path} is the key of repository {rid}, not of "
+                              f"{r.config.repository_id}")
+    if r.snapshots() == [] and r.store.problems:  # records that do not open: a wrong key
+        raise WrongPassphrase(f"{path} does not open the records of {backend.location}")
+    new = keys.add_key(r.store, rid, master,
+                       ctx.new_passphrase(None, backend.location, "VMREPO_NEW"),
+                       label or "from export")
+    ctx.emit({"added": new.id}, lambda: click.echo(f"added key {new.id[:8]} from the export"))

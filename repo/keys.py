@@ -1,0 +1,195 @@
+"""Keys of an encrypted repository: a random master key, wrapped by passphrases (§15).
+
+The *master key* is 64 random bytes: 32 encrypt objects (:mod:`vmrepo.crypto`), 32 key
+the BLAKE3 ids (so ids reveal nothing either). It is never stored in the clear: each
+``keys/<id>`` record holds it sealed (ChaCha20-Poly1305) with a key derived from one
+passphrase by scrypt (memory-hard; its parameters are in the record). Any of the key
+records opens the repository; ``vmrepo key add|list|remove|passwd`` manage them and
+``vmrepo key export`` prints the master key for a paper or offline copy.
+
+Key records are plain records (they are read before anything can be decrypted); the
+associated data of the sealed master key binds it to its repository id.
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import secrets
+import socket
+import subprocess
+import zlib
+from collections.abc import Mapping
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import Any
+
+from cryptography.exceptions import InvalidTag
+from cryptography.hazmat.primitives.ciphers.aead import ChaCha20Poly1305
+from vmrepo.storage.errors import ObjectNotFound
+
+from .codec import RecordKind
+from .errors import (
+    IncompatibleRepository,
+    IntegrityError,
+    KeyNotFound,
+    NoPassphrase,
+    WrongPassphrase,
+)
+from .format import KEY_PREFIX, key_key
+from .store import RepoStore
+
+KEY_VERSION = 1
+#: scrypt cost: 2**16 x 128 x 8 bytes = 64 MiB of memory per attempt.
+SCRYPT_N, SCRYPT_R, SCRYPT_P = 1 << 16, 8, 1
+_NONCE = bytes(12)
+
+
+@dataclass(frozen=True)
+class MasterKey:
+    encryption: bytes
+    ids: bytes
+
+    @classmethod
+    def new(cls) -> MasterKey:
+        return cls(secrets.token_bytes(32), secrets.token_bytes(32))
+
+    def raw(self) -> bytes:
+        return self.encryption + self.ids
+
+    @classmethod
+    def from_raw(cls, raw: bytes) -> MasterKey:
+        if len(raw) != 64:
+            raise ValueError("a master key is 64 bytes")
+        return cls(raw[:32], raw[32:])
+
+    def export(self, repository_id: str) -> str:
+        """A text form for paper: the repository id, the key, and a check sum."""
+        raw = self.raw()
+        body = base64.b32encode(raw).decode().rstrip("=")
+        groups = " ".join(body[i:i + 8] for i in range(0, len(body), 8))
+        return f"vmrepo-key {repository_id} {groups} {zlib.crc32(raw):08x}"
+
+    @classmethod
+    def parse_export(cls, text: str) -> tuple[str, MasterKey]:
+        parts = text.split()
+        if len(parts) < 4 or parts[0] != "vmrepo-key":
+            raise ValueError("not an exported vmrepo key (it starts with 'vmrepo-key')")
+        body = "".join(parts[2:-1])
+        raw = base64.b32decode(body + "=" * (-len(body) % 8))
+        if f"{zlib.crc32(raw):08x}" != parts[-1].lower():
+            raise ValueError("the exported key's check sum does not match (a typo?)")
+        return parts[1], cls.from_raw(raw)
+
+
+@dataclass(frozen=True)
+class KeyInfo:
+    id: str
+    created: str
+    host: str
+    label: str
+
+
+def _kek(passphrase: str, salt: bytes, n: int, r: int, p: int) -> bytes:
+    return hashlib.scrypt(passphrase.encode(), salt=salt, n=n, r=r, p=p, dklen=32,
+                          maxmem=256 * n * r + (1 << 20))
+
+
+def add_key(store: RepoStore, repository_id: str, master: MasterKey, passphrase: str,
+            label: str = "") -> KeyInfo:
+    """Store a new key record: ``master`` sealed under ``passphrase``."""
+    if not passphrase:
+        raise ValueError("an empty passphrase protects nothing")
+    salt = secrets.token_bytes(16)
+    kek = _kek(passphrase, salt, SCRYPT_N, SCRYPT_R, SCRYPT_P)
+    sealed = ChaCha20Poly1305(kek).encrypt(_NONCE, master.raw(), _aad(repository_id))
+    info = KeyInfo(secrets.token_hex(16), datetime.now(UTC).isoformat(timespec="seconds"),
+                   socket.gethostname(), label)
+    store.put_record(RecordKind.KEY, key_key(info.id), {
+        "v": KEY_VERSION, "id": info.id, "created": info.created, "host": info.host,
+        "label": info.label,
+        "kdf": {"algorithm": "scrypt", "n": SCRYPT_N, "r": SCRYPT_R, "p": SCRYPT_P,
+                "salt": salt},
+        "sealed": sealed})
+    return info
+
+
+def _aad(repository_id: str) -> bytes:
+    return f"vmrepo master key {repository_id}".encode()
+
+
+def _records(store: RepoStore) -> list[tuple[KeyInfo, dict[str, Any]]]:
+    out = []
+    for obj in store.listing(KEY_PREFIX):
+        try:
+            rec = store.get_record(RecordKind.KEY, obj.key, KEY_VERSION)
+            info = KeyInfo(str(rec["id"]), str(rec["created"]), str(rec["host"]),
+                           str(rec.get("label", "")))
+        except ObjectNotFound:
+            continue
+        except (IntegrityError, IncompatibleRepository, KeyError, TypeError) as exc:
+            store.problem(obj.key, f"unreadable key record, ignored ({exc})")
+            continue
+        out.append((info, rec))
+    return out
+
+
+def list_keys(store: RepoStore) -> list[KeyInfo]:
+    return sorted((info for info, _ in _records(store)), key=lambda i: i.created)
+
+
+def unlock(store: RepoStore, repository_id: str, passphrase: str) -> tuple[MasterKey, KeyInfo]:
+    """The master key, opened with ``passphrase`` by any key record; WrongPassphrase if none
+    opens, KeyNotFound if there is no key record."""
+    records = _records(store)
+    if not records:
+        raise IntegrityError(f"{store.backend.location} is encrypted but holds no key record "
+                             "(keys/): it cannot be opened", key="keys/")
+    for info, rec in records:
+        try:
+            kdf = rec["kdf"]
+            if kdf.get("algorithm") != "scrypt":
+                continue
+            kek = _kek(passphrase, bytes(kdf["salt"]), int(kdf["n"]), int(kdf["r"]),
+                       int(kdf["p"]))
+            raw = ChaCha20Poly1305(kek).decrypt(_NONCE, bytes(rec["sealed"]),
+                                               _aad(repository_id))
+        except (InvalidTag, KeyError, TypeError, ValueError):
+            continue
+        return MasterKey.from_raw(raw), info
+    raise WrongPassphrase("wrong passphrase: no key of this repository opens with it")
+
+
+def remove_key(store: RepoStore, key_id: str) -> None:
+    store.delete(key_key(key_id))
+
+
+def find(store: RepoStore, prefix: str) -> KeyInfo:
+    """The key whose id starts with ``prefix``; KeyNotFound otherwise."""
+    matches = [k for k in list_keys(store) if k.id.startswith(prefix)]
+    if len(matches) != 1:
+        known = ", ".join(k.id[:8] for k in list_keys(store))
+        raise KeyNotFound(f"{'no' if not matches else 'more than one'} key matches {prefix!r} "
+                          f"(keys: {known})")
+    return matches[0]
+
+
+def passphrase_from_env(env: Mapping[str, str]) -> str | None:
+    """The passphrase from ``VMREPO_PASSWORD_FILE`` (its first line) or the first line
+    ``VMREPO_PASSWORD_COMMAND`` prints; None if neither is set."""
+    path = env.get("VMREPO_PASSWORD_FILE")
+    if path:
+        try:
+            with open(path, encoding="utf-8") as f:
+                return f.readline().rstrip("\r\n")
+        except (OSError, UnicodeDecodeError) as exc:
+            why = exc.strerror if isinstance(exc, OSError) else "not UTF-8 text"
+            raise NoPassphrase(f"cannot read the passphrase file {path}: {why}") from None
+    command = env.get("VMREPO_PASSWORD_COMMAND")
+    if command:
+        res = subprocess.run(command, shell=True, capture_output=True, text=True, check=False)
+        if res.returncode != 0:
+            raise NoPassphrase(f"the passphrase command failed with exit code "
+                               f"{res.returncode}")
+        return res.stdout.splitlines()[0] if res.stdout else ""
+    return None

@@ -1,0 +1,237 @@
+"""Encrypted repositories: nothing of a disk in any object, every flipped bit refused or
+harmless and reported, keys managed by passphrases, copies that move sealed blobs, two
+writers into one encrypted bucket, and one-line errors for missing or wrong passphrases."""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import subprocess
+from pathlib import Path
+
+import pytest
+from vmrepo import exitcodes
+
+from .helpers import run_cli, run_json, vmrepo_bin
+from .s3server import moto_server, s3_bucket, s3_url  # noqa: F401 - fixtures
+
+MiB = 1 << 20
+BLOCK = 4096
+
+
+@pytest.fixture
+def work(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    (tmp_path / "pass").write_text("correct horse battery staple\n")
+    monkeypatch.setenv("VMREPO_PASSWORD_FILE", str(tmp_path / "pass"))
+    (tmp_path / "a.raw").write_bytes(random.Random(1).randbytes(4 * MiB))
+    (tmp_path / "vmrepo.toml").write_text(
+        'repository = "repo"\n[remote.offsite]\nrepository = "offsite"\n'
+        '[vm.vm1]\nsource = "file"\ndisks = { disk0 = "a.raw" }\n')
+    return tmp_path
+
+
+def _objects(repo: Path) -> list[Path]:
+    return sorted(p for p in repo.rglob("*") if p.is_file())
+
+
+def _holds_blocks(repo: Path, content: bytes, samples: int = 64) -> int:
+    """How many of a sample of the disk's 4 KiB blocks appear in some object."""
+    blobs = b"".join(p.read_bytes() for p in _objects(repo))
+    rnd = random.Random(3)
+    starts = [rnd.randrange(0, len(content) // BLOCK) * BLOCK for _ in range(samples)]
+    return sum(1 for s in starts if content[s:s + BLOCK] in blobs)
+
+
+def test_no_block_of_the_disk_is_in_any_object(work: Path) -> None:
+    created = run_json("init", "--encryption", "aes-256-gcm", cwd=work)
+    assert created["encryption"] == "aes-256-gcm"
+    run_cli("snapshot", "vm1", cwd=work)
+    content = (work / "a.raw").read_bytes()
+    assert _holds_blocks(work / "repo", content) == 0
+    config = (work / "repo" / "config").read_bytes()
+    assert b"blake3-keyed" in config  # the config is plain, and holds no key
+    # The same disk in a repository without encryption: its blocks are there to be found.
+    run_cli("-r", str(work / "plain"), "init", "--encryption", "none", cwd=work)
+    run_cli("-r", str(work / "plain"), "snapshot", "vm1", cwd=work)
+    assert _holds_blocks(work / "plain", content) > 32
+
+
+@pytest.mark.parametrize("algorithm", ["aes-256-gcm", "chacha20-poly1305"])
+def test_every_flipped_bit_is_refused_or_harmless_and_reported(work: Path,
+                                                               algorithm: str) -> None:
+    run_cli("init", "--encryption", algorithm, "--chunk-size", "64K", "--pack-size", "512K",
+            cwd=work)
+    snap = run_json("snapshot", "vm1", cwd=work)["id"]
+    content = (work / "a.raw").read_bytes()
+    rnd = random.Random(algorithm)
+    objects = [p for p in _objects(work / "repo") if "locks" not in p.parts]
+    assert {p.relative_to(work / "repo").parts[0] for p in objects} == \
+        {"config", "keys", "snapshots", "index", "data"}
+    for obj in objects:
+        original = obj.read_bytes()
+        damaged = bytearray(original)
+        bit = rnd.randrange(len(damaged) * 8)
+        damaged[bit // 8] ^= 1 << (bit % 8)
+        obj.write_bytes(bytes(damaged))
+        try:
+            out = work / "out.raw"
+            res = run_cli("restore", f"vm1@{snap[:8]}", "--disk", "disk0", "-o", str(out),
+                          "--force", cwd=work, check=False)
+            assert "Traceback" not in res.stderr, res.stderr
+            if res.returncode == 0:  # the restore did not need the damaged bytes
+                assert out.read_bytes() == content, obj
+            else:
+                # refused: the object fails its checks (a damaged record leaves no
+                # snapshot to restore, and says why)
+                assert res.returncode in (exitcodes.INTEGRITY, exitcodes.WRONG_PASSPHRASE,
+                                          exitcodes.NO_SNAPSHOT), (obj, res.stderr)
+                assert any(why in res.stderr for why in (
+                    "authentication failed", "wrong passphrase", "damaged",
+                    "does not match its id")), res.stderr
+            ver = run_cli("verify", "--read-data", cwd=work, check=False)
+            assert ver.returncode in (exitcodes.INTEGRITY, exitcodes.WRONG_PASSPHRASE), \
+                (obj, ver.stdout, ver.stderr)
+        finally:
+            obj.write_bytes(original)
+    assert run_cli("verify", "--read-data", cwd=work).returncode == 0
+
+
+def test_tampering_is_detected(work: Path) -> None:
+    run_cli("init", "--encryption", "aes-256-gcm", cwd=work)
+    first = run_json("snapshot", "vm1", "--tag", "one", cwd=work)["id"]
+    with open(work / "a.raw", "r+b") as f:
+        f.write(b"x" * 100_000)
+    second = run_json("snapshot", "vm1", cwd=work)["id"]
+    records = work / "repo" / "snapshots"
+    # Swapped records: each is sealed for its kind, but names its own id.
+    a, b = (records / first).read_bytes(), (records / second).read_bytes()
+    (records / first).write_bytes(b)
+    (records / second).write_bytes(a)
+    listed = run_cli("snapshots", cwd=work)
+    assert "names another id" in listed.stderr and first[:8] not in listed.stdout
+    (records / first).write_bytes(a)
+    (records / second).write_bytes(b)
+    # A plain record put there by someone without the key is refused.
+    plain = work / "plain"
+    run_cli("-r", str(plain), "init", "--encryption", "none", cwd=work)
+    run_cli("-r", str(plain), "snapshot", "vm1", cwd=work)
+    stray = next((plain / "snapshots").iterdir())
+    (records / stray.name).write_bytes(stray.read_bytes())
+    res = run_cli("snapshots", "--json", cwd=work)
+    assert "not encrypted, in an encrypted repository" in res.stderr
+    assert stray.name not in [s["id"] for s in json.loads(res.stdout)["snapshots"]]
+    # Bytes of one blob moved into another: each blob's seal binds it to its id.
+    packs = sorted((work / "repo" / "data").glob("*/*"))
+    biggest = max(packs, key=lambda p: p.stat().st_size)
+    data = bytearray(biggest.read_bytes())
+    data[8:8 + 64], data[100_008:100_072] = data[100_008:100_072], data[8:8 + 64]
+    biggest.write_bytes(bytes(data))
+    assert run_cli("verify", "--read-data", cwd=work, check=False).returncode == \
+        exitcodes.INTEGRITY
+
+
+def test_keys_added_listed_replaced_removed_and_exported(work: Path) -> None:
+    run_cli("init", "--encryption", "aes-256-gcm", cwd=work)
+    run_cli("snapshot", "vm1", cwd=work)
+    (work / "second").write_text("a second passphrase\n")
+    run_cli("key", "add", "--label", "ops", cwd=work,
+            env={"VMREPO_NEW_PASSWORD_FILE": str(work / "second")})
+    listed = run_json("key", "list", cwd=work)["keys"]
+    assert [k["label"] for k in listed] == ["init", "ops"] and listed[0]["current"]
+    as_second = {"VMREPO_PASSWORD_FILE": str(work / "second")}
+    assert len(run_json("snapshots", cwd=work, env=as_second)["snapshots"]) == 1
+    # passwd replaces the key that was used; the old passphrase no longer opens.
+    (work / "third").write_text("third\n")
+    run_cli("key", "passwd", cwd=work, env={**as_second,
+                                            "VMREPO_NEW_PASSWORD_FILE": str(work / "third")})
+    res = run_cli("snapshots", cwd=work, env=as_second, check=False)
+    assert res.returncode == exitcodes.WRONG_PASSPHRASE and "wrong passphrase" in res.stderr
+    # Removing: not the last key.
+    keys = run_json("key", "list", cwd=work)["keys"]
+    run_cli("key", "remove", keys[1]["id"][:8], cwd=work)
+    last = run_cli("key", "remove", keys[0]["id"][:8], cwd=work, check=False)
+    assert last.returncode == exitcodes.USAGE and "only key" in last.stderr
+    # Every passphrase forgotten: the exported master key restores access.
+    exported = run_json("key", "export", cwd=work)["export"]
+    (work / "paper").write_text(exported + "\n")
+    (work / "pass").write_text("forgotten\n")
+    assert run_cli("snapshots", cwd=work, check=False).returncode == \
+        exitcodes.WRONG_PASSPHRASE
+    (work / "fresh").write_text("fresh start\n")
+    run_cli("key", "add", "--from-export", str(work / "paper"), cwd=work,
+            env={"VMREPO_NEW_PASSWORD_FILE": str(work / "fresh")})
+    assert len(run_json("snapshots", cwd=work,
+                        env={"VMREPO_PASSWORD_FILE": str(work / "fresh")})["snapshots"]) == 1
+
+
+def test_passphrase_errors_are_one_line(work: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("VMREPO_PASSWORD_FILE")
+    res = subprocess.run([vmrepo_bin(), "init"], cwd=work, capture_output=True, text=True,
+                         stdin=subprocess.DEVNULL)
+    assert res.returncode == exitcodes.NO_PASSPHRASE
+    assert "VMREPO_PASSWORD_FILE" in res.stderr and "--encryption none" in res.stderr
+    assert len(res.stderr.strip().splitlines()) == 1 and not (work / "repo").exists()
+    monkeypatch.setenv("VMREPO_PASSWORD_FILE", str(work / "pass"))
+    run_cli("init", "--encryption", "aes-256-gcm", cwd=work)
+    (work / "wrong").write_text("wrong\n")
+    res = run_cli("snapshot", "vm1", cwd=work, env={"VMREPO_PASSWORD_FILE": str(work / "wrong")},
+                  check=False)
+    assert res.returncode == exitcodes.WRONG_PASSPHRASE
+    assert res.stderr.strip() == "vmrepo: error: wrong passphrase: no key of this repository " \
+                                 "opens with it"
+    res = run_cli("snapshots", cwd=work, env={"VMREPO_PASSWORD_FILE": "",
+                                               "VMREPO_PASSWORD_COMMAND": "echo wrong"},
+                  check=False)
+    assert res.returncode == exitcodes.WRONG_PASSPHRASE
+    res = run_cli("snapshots", cwd=work, env={"VMREPO_PASSWORD_FILE": str(work / "nofile")},
+                  check=False)
+    assert res.returncode == exitcodes.NO_PASSPHRASE and "nofile" in res.stderr
+
+
+def test_copies_between_repositories_sharing_keys_move_sealed_packs(work: Path) -> None:
+    run_cli("init", "--encryption", "aes-256-gcm", "--chunk-size", "64K", "--pack-size", "1M",
+            cwd=work)
+    snap = run_json("snapshot", "vm1", cwd=work)["id"]
+    (work / "offsite-pass").write_text("the offsite's own\n")
+    run_cli("-r", "offsite", "init", "--copy-params-from", "repo", cwd=work,
+            env={"VMREPO_PASSWORD_FILE": str(work / "pass")})
+    copied = run_json("copy", "--to", "offsite", cwd=work)
+    assert copied["snapshots"] == 1 and copied["packs_whole"] > 0 and not copied["transcoded"]
+    here = {p.name: p.read_bytes() for p in (work / "repo" / "data").glob("*/*")}
+    there = {p.name: p.read_bytes() for p in (work / "offsite" / "data").glob("*/*")}
+    assert there and all(here.get(name) == data for name, data in there.items())
+    out = work / "back.raw"
+    run_cli("-r", "offsite", "restore", f"vm1@{snap[:8]}", "--disk", "disk0", "-o", str(out),
+            cwd=work)
+    assert out.read_bytes() == (work / "a.raw").read_bytes()
+
+
+def test_two_writers_into_one_encrypted_bucket(tmp_path: Path, s3_bucket: str,  # noqa: F811
+                                               monkeypatch: pytest.MonkeyPatch) -> None:
+    (tmp_path / "pass").write_text("shared\n")
+    monkeypatch.setenv("VMREPO_PASSWORD_FILE", str(tmp_path / "pass"))
+    for name in ("a", "b"):
+        (tmp_path / f"{name}.raw").write_bytes(random.Random(name).randbytes(6 * MiB))
+    (tmp_path / "vmrepo.toml").write_text(
+        f'repository = "{s3_url(s3_bucket)}"\n'
+        '[vm.vm1]\nsource = "file"\ndisks = { disk0 = "a.raw" }\n'
+        '[vm.vm2]\nsource = "file"\ndisks = { disk0 = "b.raw" }\n')
+    run_cli("init", "--encryption", "chacha20-poly1305", "--chunk-size", "64K", "--pack-size", "1M",
+            cwd=tmp_path)
+    procs = [subprocess.Popen([vmrepo_bin(), "snapshot", vm, "--json"], cwd=tmp_path,
+                              env={**os.environ,
+                                   "VMREPO_CACHE_DIR": str(tmp_path / f"cache-{vm}")},
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+             for vm in ("vm1", "vm2")]
+    try:
+        outs = [p.communicate(timeout=300) for p in procs]
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+    assert all(p.returncode == 0 for p in procs), outs
+    for vm, name in (("vm1", "a"), ("vm2", "b")):
+        out = tmp_path / f"{vm}.out"
+        run_cli("restore", f"{vm}@latest", "--disk", "disk0", "-o", str(out), cwd=tmp_path)
+        assert out.read_bytes() == (tmp_path / f"{name}.raw").read_bytes()
