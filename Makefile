@@ -28,6 +28,7 @@ lint: test-deps $(VENV)/.installed-test
 
 bench: system-deps bench-deps test-deps $(VENV)/.installed-test
 	$(PY) bench/bench.py $(BENCH_ARGS)
+	$(PY) bench/scale_bench.py
 	$(PY) bench/index_bench.py
 	$(PY) bench/nbd_read_bench.py
 	$(PY) bench/serve_bench.py

@@ -3,19 +3,27 @@
 Builds a disk image (default 2 GiB: a third random, a third text-like, a
 third holes) as a raw file and as the qcow2 disk of a paused QEMU VM, then:
 
-* full backups through vmrepo's file source, QMP push and NBD pull, borg
+* full backups through vmrepo's file source (into an encrypted repository, the
+  default, and into one with ``--encryption none``), QMP push (with 256 KiB
+  chunks, and into repositories with 64 KiB and 1 MiB chunks) and NBD pull, borg
   (``--compression zstd,3``, no encryption) and restic, into fresh
   repositories, the tools taking turns, best of ``--rounds``;
 * 4 KiB writes into 1% of the 64 KiB blocks (through QEMU for the VM, the same
   bytes into the raw file), then an incremental backup with each (vmrepo
   through QEMU's bitmaps; restic, borg and the file source re-read);
-* a restore of the latest snapshot with each, checked with ``cmp``, best of
-  ``--rounds`` with the tools taking turns (vmrepo reports its request count);
+* a restore of the latest snapshot with each, checked with ``cmp`` (the
+  benchmark exits with status 1 if one differs), best of ``--rounds`` with the
+  tools taking turns (vmrepo reports its request count);
 
-and prints one table with throughput, stored bytes, peak memory and the
-ratios against borg and restic.
+and prints one markdown table with throughput, bytes read and stored, peak
+memory and the ratios against borg and restic, then the targets (each ratio,
+met or missed) and the cost of encryption. A run that leaves out no path
+writes the same into docs/benchmarks.md, between the markers
+``<!-- bench.py: begin -->`` and ``<!-- bench.py: end -->`` (``--docs PATH``
+elsewhere, ``--no-docs`` not at all; ``--quick`` writes only with ``--docs``).
 
-    python bench/bench.py [--size 2G] [--rounds 2] [--quick] [--keep DIR]
+    python bench/bench.py [--size 2G] [--rounds 2] [--quick] [--skip PATH] [--keep DIR]
+                          [--docs PATH | --no-docs]
 """
 
 from __future__ import annotations
@@ -31,6 +39,7 @@ import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import docsgen
 from measure import Measured, dir_size, run_measured, vmrepo_bin
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
@@ -40,8 +49,30 @@ from vmrepo.units import human_bytes, parse_size
 
 from tests.s3server import MotoServer  # noqa: E402 - the tests' loopback S3 endpoint
 
-VMREPO_PATHS = ("file", "qmp", "nbd", "s3")
+VMREPO_PATHS = ("file", "plain", "qmp", "qmp-64k", "qmp-1m", "nbd", "s3")
+#: vmrepo paths into repositories without encryption (the others use the default, encrypted).
+PLAIN = ("plain",)
+#: vmrepo paths reading the disk through the QEMU VM (their incrementals use its bitmaps).
+QEMU_PATHS = ("qmp", "qmp-64k", "qmp-1m", "nbd")
+#: Chunk sizes other than the default 256 KiB.
+CHUNK = {"qmp-64k": "64K", "qmp-1m": "1M"}
 OTHERS = ("borg", "restic")
+PHASES = ("full", "incremental", "restore")
+MiB = 1 << 20
+#: The memory target, in bytes (MB, not MiB).
+RSS_LIMIT = 200_000_000
+
+LEGEND = {
+    "file": "the file source reading the raw file",
+    "plain": "the same into a repository without encryption (`init --encryption none`)",
+    "qmp": "QMP push (QEMU's backup job writes into vmrepo over NBD)",
+    "qmp-64k": "QMP push into a repository of 64 KiB chunks",
+    "qmp-1m": "QMP push into a repository of 1 MiB chunks",
+    "nbd": "NBD pull (image fleecing)",
+    "s3": "the file source into S3 (`moto_server` on loopback)",
+    "borg": "`borg create --compression zstd,3`, no encryption",
+    "restic": "`restic backup --compression auto`",
+}
 
 
 @dataclass
@@ -65,6 +96,8 @@ class Bench:
         self._s3_round = 0
         self.vmrepo = vmrepo_bin()
         self.cfg = work / "vmrepo.toml"
+        #: Every measured run, best or not (the memory target covers them all).
+        self.runs: list[Result] = []
 
     # -- set-up ----------------------------------------------------------------
 
@@ -73,13 +106,15 @@ class Bench:
         make_image(self.raw, self.size, random.Random(42))
         subprocess.run(["qemu-img", "convert", "-q", "-f", "raw", "-O", "qcow2", str(self.raw),
                         str(self.qcow2)], check=True)
-        self.cfg.write_text(
-            f'[vm.file]\nsource = "file"\ndisks = {{ disk0 = "{self.raw}" }}\n'
-            f'[vm.qmp]\nsource = "qmp"\nsocket = "{self.work}/vm.qmp"\ndisks = ["disk0"]\n'
-            f'[vm.nbd]\nsource = "nbd"\nsocket = "{self.work}/vm.qmp"\ndisks = ["disk0"]\n'
-            f'scratch = "{self.work}"\nfleece_reserve = "256M"\n'
-            f'[vm.s3]\nsource = "file"\ndisks = {{ disk0 = "{self.raw}" }}\n')
-        if any(p in self.paths for p in ("qmp", "nbd")):
+        sections = [f'[vm.{p}]\nsource = "file"\ndisks = {{ disk0 = "{self.raw}" }}\n'
+                    for p in ("file", "plain", "s3")]
+        sections += [f'[vm.{p}]\nsource = "qmp"\nsocket = "{self.work}/vm.qmp"\n'
+                     f'disks = ["disk0"]\n' for p in ("qmp", *CHUNK)]
+        sections.append(f'[vm.nbd]\nsource = "nbd"\nsocket = "{self.work}/vm.qmp"\n'
+                        f'disks = ["disk0"]\nscratch = "{self.work}"\nfleece_reserve = "256M"\n')
+        self.cfg.write_text("".join(sections))
+        (self.work / "passphrase").write_text("bench passphrase\n")
+        if any(p in self.paths for p in QEMU_PATHS):
             self.vm = BenchVM(self.work, self.qcow2).start()
         if "s3" in self.paths:
             self.s3 = MotoServer()
@@ -105,7 +140,8 @@ class Bench:
         if path == "restic":
             return {"RESTIC_REPOSITORY": str(self.repo(path)), "RESTIC_PASSWORD": "bench",
                     "RESTIC_CACHE_DIR": str(self.work / "restic-cache")}
-        env = {"VMREPO_CACHE_DIR": str(self.work / f"cache-{path}")}
+        env = {"VMREPO_CACHE_DIR": str(self.work / f"cache-{path}"),
+               "VMREPO_PASSWORD_FILE": str(self.work / "passphrase")}
         if path == "s3" and self.s3 is not None:
             env.update(AWS_ENDPOINT_URL=self.s3.endpoint, AWS_ACCESS_KEY_ID="bench",
                        AWS_SECRET_ACCESS_KEY="bench-secret", AWS_DEFAULT_REGION="us-east-1")
@@ -114,7 +150,7 @@ class Bench:
     def _vmrepo(self, path: str, *args: str) -> list[str]:
         return [self.vmrepo, "-r", self.location(path), "--config", str(self.cfg), *args]
 
-    def init(self, path: str, chunk: str = "256K") -> None:
+    def init(self, path: str) -> None:
         env = {**os.environ, **self.env(path)}
         if path in OTHERS:
             shutil.rmtree(self.repo(path), ignore_errors=True)
@@ -123,14 +159,15 @@ class Bench:
             cmd = ["borg", "init", "--encryption", "none"] if path == "borg" else \
                 ["restic", "init", "-q"]
         else:
-            if path in ("qmp", "nbd") and (self.repo(path) / "config").exists():
+            if path in QEMU_PATHS and (self.repo(path) / "config").exists():
                 # The old repository's bitmaps would slow QEMU down for nothing.
                 subprocess.run(self._vmrepo(path, "bitmaps", path, "--remove"), env=env,
                                check=True, stdout=subprocess.DEVNULL)
             shutil.rmtree(self.repo(path), ignore_errors=True)
             shutil.rmtree(self.work / f"cache-{path}", ignore_errors=True)
             self._s3_round += path == "s3"
-            cmd = self._vmrepo(path, "init", "--chunk-size", chunk)
+            cmd = self._vmrepo(path, "init", "--chunk-size", CHUNK.get(path, "256K"),
+                               "--encryption", "none" if path in PLAIN else "aes-256-gcm")
         subprocess.run(cmd, env=env, check=True, stdout=subprocess.DEVNULL)
 
     # -- phases ----------------------------------------------------------------
@@ -205,6 +242,7 @@ class Bench:
         return r
 
     def _say(self, r: Result) -> None:
+        self.runs.append(r)
         more = "".join(f"  {k} {v}" for k, v in r.extra.items())
         print(f"  {r.path:7} {r.phase:12} {r.m.seconds:7.2f} s  cpu {r.m.cpu:6.2f} s  peak rss "
               f"{human_bytes(r.m.max_rss):>10}  added {human_bytes(r.added):>10}{more}",
@@ -215,11 +253,14 @@ def best(results: list[Result]) -> Result:
     return min(results, key=lambda r: r.m.seconds)
 
 
-def report(b: Bench, table: dict[tuple[str, str], Result]) -> None:
-    size = b.size
-    print(f"\n{'path':8} {'phase':12} {'seconds':>8} {'disk/s':>11} {'added':>11} "
-          f"{'peak rss':>10} {'vs borg':>8} {'vs restic':>9}")
-    for phase in ("full", "incremental", "restore"):
+# -- the report ------------------------------------------------------------------
+
+
+def results_table(b: Bench, table: dict[tuple[str, str], Result]) -> str:
+    header = ["path", "phase", "seconds", "disk MiB/s", "read MiB", "added MiB",
+              "peak RSS MiB", "vs borg", "vs restic", "requests"]
+    rows = []
+    for phase in PHASES:
         for path in b.paths:
             r = table.get((path, phase))
             if r is None:
@@ -227,11 +268,137 @@ def report(b: Bench, table: dict[tuple[str, str], Result]) -> None:
             ratios = []
             for other in OTHERS:
                 o = table.get((other, phase))
-                ratios.append(f"x{o.m.seconds / r.m.seconds:5.2f}" if o else "-")
-            print(f"{path:8} {phase:12} {r.m.seconds:8.2f} {human_bytes(size / r.m.seconds):>9}/s"
-                  f" {human_bytes(r.added):>11} {human_bytes(r.m.max_rss):>10} "
-                  f"{ratios[0]:>8} {ratios[1]:>9}")
-    print("(ratios: the other tool's time over this path's time; above 1 means faster)")
+                ratios.append(f"{o.m.seconds / r.m.seconds:.2f}" if o else "")
+            read = r.extra.get("read")
+            rows.append([path, phase, f"{r.m.seconds:.2f}", f"{b.size / MiB / r.m.seconds:.1f}",
+                         f"{int(read) / MiB:.1f}" if isinstance(read, int) else "",
+                         f"{r.added / MiB:.2f}" if phase != "restore" else "",
+                         f"{r.m.max_rss / MiB:.1f}", *ratios, str(r.extra.get("requests", ""))])
+    return docsgen.md_table(header, rows, "ll")
+
+
+@dataclass
+class Target:
+    what: str
+    goal: str
+    value: float | None  # None: not measured (a path was left out)
+    met: bool = False
+    shown: str = ""
+
+    def row(self) -> list[str]:
+        if self.value is None:
+            return [self.what, "not measured", self.goal, "-"]
+        return [self.what, self.shown or f"{self.value:.3g}", self.goal,
+                "met" if self.met else "missed"]
+
+
+def targets(b: Bench, table: dict[tuple[str, str], Result]) -> list[Target]:
+    def t(path: str, phase: str) -> Result | None:
+        return table.get((path, phase))
+
+    out = []
+
+    def faster(path: str, label: str, phase: str, other: str, goal: float) -> None:
+        r, o = t(path, phase), t(other, phase)
+        v = o.m.seconds / r.m.seconds if r and o else None
+        out.append(Target(f"{label}: throughput over {other}'s", f"≥ {goal:g}", v,
+                          v is not None and v >= goal))
+
+    def fraction(path: str, label: str, what: str, other: str, goal: float) -> None:
+        r, o = t(path, "incremental"), t(other, "incremental")
+        v = None
+        if r and o:
+            v = (r.m.seconds / o.m.seconds if what == "time"
+                 else r.added / o.added if o.added else float("inf"))
+        out.append(Target(f"{label}: {what} over {other}'s", f"≤ {goal:g}", v,
+                          v is not None and v <= goal))
+
+    faster("qmp", "full, QMP push", "full", "borg", 2.5)
+    faster("nbd", "full, NBD pull", "full", "borg", 2.5)
+    faster("file", "full, file source", "full", "borg", 3)
+    faster("file", "full, file source", "full", "restic", 4)
+    for path, label in (("qmp", "QMP push"), ("nbd", "NBD pull")):
+        fraction(path, f"incremental through QEMU ({label}, 256 KiB chunks)", "time",
+                 "restic", 0.1)
+    for path, label in (("qmp", "QMP push"), ("nbd", "NBD pull")):
+        fraction(path, f"incremental through QEMU ({label}, 256 KiB chunks)", "added bytes",
+                 "restic", 0.5)
+    fraction("qmp-64k", "incremental through QEMU (QMP push, 64 KiB chunks)", "added bytes",
+             "restic", 0.2)
+    for path, label in (("file", "file source"), ("qmp", "QMP push"), ("nbd", "NBD pull")):
+        faster(path, f"restore, {label}", "restore", "restic", 3)
+    mine = [r for r in b.runs if r.path in VMREPO_PATHS]
+    if mine:
+        worst = max(mine, key=lambda r: r.m.max_rss)
+        over = sorted({f"{r.path} {r.phase}" for r in mine if r.m.max_rss >= RSS_LIMIT})
+        out.append(Target(
+            f"peak RSS of every vmrepo run ({len(mine)} runs; the largest: {worst.path} "
+            f"{worst.phase}" + (f"; over the limit: {', '.join(over)}" if over else "") + ")",
+            f"< {RSS_LIMIT // 1_000_000} MB", worst.m.max_rss / 1e6, not over,
+            f"{worst.m.max_rss / 1e6:.1f} MB"))
+    return out
+
+
+def targets_table(ts: list[Target]) -> str:
+    return docsgen.md_table(["target", "measured", "goal", "verdict"], [x.row() for x in ts],
+                            "lrrl")
+
+
+def encryption_cost(table: dict[tuple[str, str], Result]) -> str | None:
+    parts = []
+    for phase in PHASES:
+        enc, plain = table.get(("file", phase)), table.get(("plain", phase))
+        if enc and plain:
+            parts.append(f"{phase} {enc.m.seconds / plain.m.seconds:.2f} × the time "
+                         f"({enc.m.cpu / plain.m.cpu:.2f} × the CPU)")
+    if not parts:
+        return None
+    return ("Encryption cost (path `file`, aes-256-gcm, over path `plain`, no encryption): "
+            + "; ".join(parts) + ".")
+
+
+def legend(paths: list[str]) -> str:
+    return ("Paths: " + "; ".join(f"`{p}` {LEGEND[p]}" for p in paths) + ". Every vmrepo "
+            "repository but `plain`'s is encrypted (aes-256-gcm) and of 256 KiB chunks unless "
+            "its name says otherwise. Columns: wall seconds; the disk's size over that time; "
+            "what vmrepo read from the source (an incremental through QEMU's bitmaps reads only "
+            "what changed); the repository's growth; the command's peak RSS; the other tool's "
+            "time over this one's (above 1: faster); storage requests of a restore (and of an "
+            "S3 snapshot).")
+
+
+def docs_section(b: Bench, rounds: int, writes: int, results: str, tgts: str,
+                 enc: str | None) -> str:
+    para, cmd = docsgen.para, docsgen.command("bench.py")
+    versions = docsgen.tool_versions()
+    tools = []
+    if "borg" in b.paths:
+        tools.append(f"borg {versions.get('borg', '')} runs `create --compression zstd,3` "
+                     "without encryption")
+    if "restic" in b.paths:
+        tools.append(f"restic {versions.get('restic', '')} `backup --compression auto`")
+    parts = [
+        "## Every path beside borg and restic",
+        para(f"`{cmd}` builds a {human_bytes(b.size)} disk (a third random data, a third "
+             "text-like data, a third holes) as a raw file and as the qcow2 disk of a paused "
+             "QEMU VM, and runs with each path in turn: a full backup into a fresh repository "
+             f"(best of {rounds}, the tools taking turns), 4 KiB writes into 1% of the 64 KiB "
+             f"blocks ({writes} writes, through QEMU for the VM, the same bytes in the raw "
+             "file), an incremental backup, and a restore of the latest snapshot (best of "
+             f"{rounds}, checked with `cmp`). " + ("; ".join(tools) + ". " if tools else "")
+             + "vmrepo's restores run with `--no-sync`, like restic's and borg's, which do not "
+             "wait for the disk either. Each command runs in its own process, after a `sync`."),
+        para(f"Machine: {docsgen.machine()}."),
+        results,
+        para(legend(b.paths)),
+        para("Targets (a ratio of throughputs is the inverse ratio of the times, the disk "
+             "being the same):"),
+        tgts,
+    ]
+    if enc:
+        parts.append(para(enc))
+    parts.append(para(f"Command: `{cmd}` ({docsgen.today()})."))
+    return "\n\n".join(parts) + "\n"
 
 
 def main() -> None:
@@ -239,15 +406,27 @@ def main() -> None:
     ap.add_argument("--size", default="2G")
     ap.add_argument("--rounds", type=int, default=2, help="runs per path (best counts)")
     ap.add_argument("--quick", action="store_true", help="a 192 MiB disk, one round")
-    ap.add_argument("--skip", action="append", default=[], help="leave out a path")
+    ap.add_argument("--skip", action="append", default=[], choices=(*VMREPO_PATHS, *OTHERS),
+                    help="leave out a path")
     ap.add_argument("--keep", type=Path, help="work in DIR and keep it")
+    ap.add_argument("--docs", type=Path, help="write the results into this document "
+                    "(default for a run without --quick or --skip: docs/benchmarks.md)")
+    ap.add_argument("--no-docs", action="store_true", help="write no document")
     args = ap.parse_args()
     size = parse_size(args.size)
     rounds = args.rounds
     if args.quick:
         size, rounds = 192 << 20, 1
+    docs = args.docs
+    if docs is None and not (args.quick or args.skip or args.no_docs):
+        docs = docsgen.DEFAULT_DOCS
+    if args.no_docs:
+        docs = None
     paths = [p for p in (*VMREPO_PATHS, *OTHERS) if p not in args.skip
              and (p in VMREPO_PATHS or shutil.which(p))]
+    missing = [p for p in OTHERS if p not in args.skip and p not in paths]
+    if missing:
+        print(f"bench: {' and '.join(missing)} not installed, left out", flush=True)
     work = args.keep or Path(tempfile.mkdtemp(prefix="vmrepo-bench-", dir="/var/tmp"))
     work.mkdir(parents=True, exist_ok=True)
     b = Bench(work, size, paths)
@@ -271,7 +450,18 @@ def main() -> None:
                 restores[path].append(b.restore(path))
         for path in paths:
             table[(path, "restore")] = best(restores[path])
-        report(b, table)
+        results = results_table(b, table)
+        tgts = targets_table(targets(b, table))
+        enc = encryption_cost(table)
+        print(f"\n{results}\n(vs borg, vs restic: the other tool's time over this path's; "
+              f"above 1 means faster)\n\ntargets:\n{tgts}")
+        if enc:
+            print(f"\n{enc}")
+        if docs is not None:
+            docsgen.write_section(docs, "bench.py",
+                                  docs_section(b, rounds, n, results, tgts, enc),
+                                  replaces="Every path beside borg and restic")
+            print(f"\nbench: results written into {docs}", flush=True)
     finally:
         b.close()
         if not args.keep:

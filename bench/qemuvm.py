@@ -1,4 +1,4 @@
-"""A paused QEMU with one qcow2 disk for the benchmark: started on private QMP sockets, stopped
+"""A paused QEMU with qcow2 disks for the benchmarks: started on private QMP sockets, stopped
 by PID. No guest OS (``-M none``); guest writes go through HMP ``qemu-io``."""
 
 from __future__ import annotations
@@ -8,6 +8,7 @@ import os
 import signal
 import subprocess
 import time
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -15,9 +16,10 @@ from vmrepo.sources.qemu.qmp import QmpConnection, QmpDisconnected
 
 
 class BenchVM:
-    def __init__(self, work: Path, image: Path) -> None:
+    def __init__(self, work: Path, image: Path | Mapping[str, Path]) -> None:
+        """One image as node ``disk0``, or several by node name."""
         self.work = work
-        self.image = image
+        self.images = dict(image) if isinstance(image, Mapping) else {"disk0": image}
         self.qmp_path = work / "vm.qmp"  # for vmrepo
         self.own_path = work / "bench.qmp"  # for the benchmark
         self.proc: subprocess.Popen[bytes] | None = None
@@ -44,16 +46,17 @@ class BenchVM:
                 self.stop()
                 raise RuntimeError("QEMU did not start")
             time.sleep(0.05)
-        self.cmd("blockdev-add", {"driver": "qcow2", "node-name": "disk0",
-                                  "file": {"driver": "file", "filename": str(self.image)}})
+        for node, image in self.images.items():
+            self.cmd("blockdev-add", {"driver": "qcow2", "node-name": node,
+                                      "file": {"driver": "file", "filename": str(image)}})
         return self
 
     def cmd(self, name: str, args: dict[str, Any] | None = None) -> Any:
         assert self.qmp is not None
         return self.qmp.execute(name, args)
 
-    def write(self, command: str) -> None:
-        out = self.cmd("human-monitor-command", {"command-line": f'qemu-io disk0 "{command}"'})
+    def write(self, command: str, node: str = "disk0") -> None:
+        out = self.cmd("human-monitor-command", {"command-line": f'qemu-io {node} "{command}"'})
         if out and ("error" in out.lower() or "failed" in out.lower()):
             raise RuntimeError(f"qemu-io {command}: {out}")
 

@@ -45,6 +45,8 @@ from .snapshots import DiskRecord, Snapshot, new_snapshot_id, save_snapshot
 log = logging.getLogger(__name__)
 
 Clock = Callable[[], datetime]
+#: Bytes of chunks handed to a worker at once.
+BATCH_BYTES = 1 << 20
 Progress = Callable[[int], None]
 
 
@@ -113,8 +115,11 @@ class _DiskWriter:
             load_page=(lambda n: repo.page(base, n)) if base is not None else None,
             base=base,
         )
-        self._inflight: deque[tuple[int, Future[tuple[bytes, int]]]] = deque()
-        self._max_inflight = workers * 4
+        #: Chunks go to the pool in batches of about 1 MiB (fewer tasks, less overhead).
+        self._batch: list[tuple[int, Data]] = []
+        self._batch_size = max(1, BATCH_BYTES // cfg.chunk_size)
+        self._inflight: deque[tuple[list[int], Future[list[tuple[bytes, int]]]]] = deque()
+        self._max_inflight = workers * 2
 
     def _store_page(self, page: bytes) -> bytes:
         pid = self.repo.hasher.id(page)
@@ -124,9 +129,12 @@ class _DiskWriter:
             self.stats.bytes_manifest += stored
         return pid
 
-    def _store_chunk(self, data: Data) -> tuple[bytes, int]:
-        cid = self.repo.hasher.id(data)
-        return cid, self.session.add(cid, BlobType.CHUNK, data)
+    def _store_chunks(self, batch: list[tuple[int, Data]]) -> list[tuple[bytes, int]]:
+        out = []
+        for _, data in batch:
+            cid = self.repo.hasher.id(data)
+            out.append((cid, self.session.add(cid, BlobType.CHUNK, data)))
+        return out
 
     def _emit(self, index: int, data: Data | None) -> None:
         self.stats.chunks += 1
@@ -134,18 +142,26 @@ class _DiskWriter:
             self.stats.chunks_zero += 1
             self.builder.set(index, ZERO_ID)
             return
+        self._batch.append((index, data))
+        if len(self._batch) >= self._batch_size:
+            self._submit()
+
+    def _submit(self) -> None:
+        if not self._batch:
+            return
         while len(self._inflight) >= self._max_inflight:
             self._collect_one()
-        self._inflight.append((index, self.pool.submit(self._store_chunk, data)))
+        batch, self._batch = self._batch, []
+        self._inflight.append(([i for i, _ in batch], self.pool.submit(self._store_chunks, batch)))
 
     def _collect_one(self) -> None:
-        index, fut = self._inflight.popleft()
-        cid, stored = fut.result()
-        if stored:
-            self.stats.chunks_new += 1
-            self.stats.bytes_stored += stored
-            self.stats.bytes_new += self.builder.shape.chunk_length(index)
-        self.builder.set(index, cid)
+        indices, fut = self._inflight.popleft()
+        for index, (cid, stored) in zip(indices, fut.result(), strict=True):
+            if stored:
+                self.stats.chunks_new += 1
+                self.stats.bytes_stored += stored
+                self.stats.bytes_new += self.builder.shape.chunk_length(index)
+            self.builder.set(index, cid)
 
     def _base_chunk(self, index: int) -> bytes:
         """The base snapshot's content of a chunk the source sent only in part."""
@@ -166,6 +182,7 @@ class _DiskWriter:
                 if self.check is not None:
                     self.check()
             asm.finish(self._base_chunk if self.base is not None else None)
+            self._submit()
             while self._inflight:
                 self._collect_one()
         finally:

@@ -12,6 +12,14 @@ Every object passes through one :class:`Codec`:
   nibble the encryption (``0`` none, ``1`` sealed, associated data: the blob's
   id), then the payload.
 
+Compression (``level`` 0 stores raw) skips data that does not compress: a
+sample of each blob (:data:`SAMPLE` bytes from three places) is compressed
+first, and a blob whose sample saves under :data:`SAMPLE_GAIN` is stored raw
+without compressing the rest. zstd runs with its level's parameters except a
+minimum match of at least 5 bytes: at levels 1 to 3 zstd otherwise looks for
+4-byte matches in blobs of 256 KiB or less, which costs up to five times the
+time on high-entropy data for no gain (docs/benchmarks.md).
+
 A codec with a cipher (an encrypted repository) seals everything but the
 config and key records, and refuses plain objects of other kinds (they could
 only have been put there by someone without the key). Each call names what
@@ -55,6 +63,13 @@ class RecordKind(Enum):
 PLAIN_KINDS = frozenset({RecordKind.CONFIG, RecordKind.KEY})
 ENVELOPE_SEALED = 0x01
 ENCRYPTION_AEAD = 0x1
+#: Bytes of each blob compressed first to judge whether it compresses at all.
+SAMPLE = 3 * 4096
+#: Blobs larger than this are sampled; smaller ones are simply compressed.
+SAMPLE_ABOVE = 64 * 1024
+#: A sample that compresses by less than this fraction marks its blob incompressible.
+SAMPLE_GAIN = 1 / 32
+MIN_MATCH = 5
 
 def pack_map(fields: dict[str, Any]) -> bytes:
     out: bytes = msgpack.packb(fields, use_bin_type=True)
@@ -88,9 +103,11 @@ class Codec:
     """Encodes and decodes records and blobs; safe to share between threads."""
 
     def __init__(self, compression_level: int = 3, cipher: Cipher | None = None,
-                 repository_id: str = "") -> None:
+                 repository_id: str = "", blob_size: int = 256 * 1024) -> None:
         #: zstd level, 0 for no compression.
         self.level = compression_level
+        self._params = None if compression_level <= 0 else zstandard.ZstdCompressionParameters(
+            **_params_of(compression_level, blob_size))
         self.cipher = cipher
         self._record_aad = f"vmrepo record {repository_id} ".encode()
         self._local = threading.local()
@@ -103,8 +120,8 @@ class Codec:
             raise ValueError("record without version")
         if self.cipher is None or kind in PLAIN_KINDS:
             return bytes([ENVELOPE_PLAIN]) + pack_map(fields)
-        return bytes([ENVELOPE_SEALED]) + self.cipher.seal(
-            pack_map(fields), self._record_aad + kind.value.encode())
+        return bytes(self.cipher.seal(pack_map(fields), self._record_aad + kind.value.encode(),
+                                      bytes([ENVELOPE_SEALED])))
 
     def decode_record(self, kind: RecordKind, raw: bytes, what: str,
                       max_version: int) -> dict[str, Any]:
@@ -133,8 +150,25 @@ class Codec:
     def _compressor(self) -> zstandard.ZstdCompressor:
         c = getattr(self._local, "c", None)
         if c is None:
-            c = self._local.c = zstandard.ZstdCompressor(level=self.level)
+            c = self._local.c = zstandard.ZstdCompressor(compression_params=self._params)
         return c
+
+    def _sampler(self) -> zstandard.ZstdCompressor:
+        c = getattr(self._local, "s", None)
+        if c is None:
+            c = self._local.s = zstandard.ZstdCompressor(level=1)
+        return c
+
+    def compresses(self, data: bytes | bytearray | memoryview) -> bool:
+        """Whether ``data`` is worth compressing, judged from a sample of it."""
+        n = len(data)
+        if n <= SAMPLE_ABOVE:
+            return True
+        view = memoryview(data)
+        part = SAMPLE // 3
+        mid = n // 2 - part // 2
+        sample = b"".join((view[:part], view[mid:mid + part], view[n - part:]))
+        return len(self._sampler().compress(sample)) < len(sample) * (1 - SAMPLE_GAIN)
 
     def _decompressor(self) -> zstandard.ZstdDecompressor:
         d = getattr(self._local, "d", None)
@@ -142,18 +176,22 @@ class Codec:
             d = self._local.d = zstandard.ZstdDecompressor()
         return d
 
-    def encode_blob(self, blob_id: bytes, data: bytes | bytearray | memoryview) -> bytes:
+    def encode_blob(self, blob_id: bytes, data: bytes | bytearray | memoryview
+                    ) -> bytes | bytearray:
         """A blob's stored form: zstd when it saves space, else raw; sealed in an encrypted
         repository."""
         enc: int = COMPRESSION_NONE
         payload: bytes | bytearray | memoryview = data
-        if self.level > 0:
+        if self.level > 0 and self.compresses(data):
             packed: bytes = self._compressor().compress(data)
             if len(packed) < len(data):
                 enc, payload = COMPRESSION_ZSTD, packed
         if self.cipher is None:
-            return bytes([enc]) + bytes(payload)
-        return bytes([ENCRYPTION_AEAD << 4 | enc]) + self.cipher.seal(payload, blob_id)
+            out = bytearray(1 + len(payload))  # one copy of the payload, not two
+            out[0] = enc
+            out[1:] = payload
+            return out
+        return self.cipher.seal(payload, blob_id, bytes([ENCRYPTION_AEAD << 4 | enc]))
 
     def decode_blob(self, blob_id: bytes, stored: bytes | memoryview, raw_length: int,
                     what: str) -> bytes:
@@ -185,3 +223,13 @@ class Codec:
             raise IntegrityError(f"{what}: blob is {len(data)} bytes, index says {raw_length}",
                                  key=what)
         return data
+
+
+def _params_of(level: int, blob_size: int) -> dict[str, int]:
+    """zstd's parameters for ``level`` and blobs of ``blob_size`` bytes (a chunk), with a
+    minimum match of at least :data:`MIN_MATCH`."""
+    p = zstandard.ZstdCompressionParameters.from_level(level, source_size=blob_size)
+    return {"window_log": p.window_log, "chain_log": p.chain_log, "hash_log": p.hash_log,
+            "search_log": p.search_log, "min_match": max(MIN_MATCH, p.min_match),
+            "target_length": p.target_length, "strategy": p.strategy,
+            "threads": 0, "write_content_size": 1}

@@ -44,9 +44,18 @@ class Cipher:
     def _object_key(self, salt: bytes | memoryview) -> bytes:
         return bytes(blake3.blake3(salt, key=self._key).digest())
 
-    def seal(self, plaintext: bytes | bytearray | memoryview, aad: bytes) -> bytes:
+    def seal(self, plaintext: bytes | bytearray | memoryview, aad: bytes,
+             prefix: bytes = b"") -> bytearray:
+        """``prefix`` (left in the clear) followed by the sealed plaintext, written into one
+        buffer without copying the plaintext first."""
         salt = os.urandom(SALT)
-        return salt + self._aead(self._object_key(salt)).encrypt(_NONCE, bytes(plaintext), aad)
+        start = len(prefix) + SALT
+        out = bytearray(start + len(plaintext) + TAG)
+        out[:len(prefix)] = prefix
+        out[len(prefix):start] = salt
+        self._aead(self._object_key(salt)).encrypt_into(_NONCE, plaintext, aad,
+                                                        memoryview(out)[start:])
+        return out
 
     def open(self, sealed: bytes | memoryview, aad: bytes, what: str) -> bytes:
         """The plaintext, or IntegrityError: damaged, tampered with, or not sealed here."""
@@ -54,8 +63,7 @@ class Cipher:
         if len(view) < OVERHEAD:
             raise IntegrityError(f"{what}: too short to be an encrypted object", key=what)
         try:
-            return self._aead(self._object_key(view[:SALT])).decrypt(
-                _NONCE, bytes(view[SALT:]), aad)
+            return self._aead(self._object_key(view[:SALT])).decrypt(_NONCE, view[SALT:], aad)
         except InvalidTag:
             raise IntegrityError(f"{what}: authentication failed (damaged, tampered with, or "
                                  "not of this repository)", key=what) from None

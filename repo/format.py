@@ -9,6 +9,7 @@ How objects are encoded (records, blobs) is :mod:`vmrepo.codec`'s business.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from enum import IntEnum
 
 import blake3
@@ -48,7 +49,7 @@ class Hasher:
         # blake3 releases the GIL on large inputs, so chunk workers run in parallel.
         return bytes(blake3.blake3(data, key=self.key, max_threads=1).digest())
 
-    def id_of_parts(self, parts: list[bytes] | list[memoryview]) -> bytes:
+    def id_of_parts(self, parts: Sequence[bytes | bytearray | memoryview]) -> bytes:
         """The id of the parts' concatenation."""
         h = blake3.blake3(key=self.key, max_threads=1)
         for p in parts:

@@ -45,8 +45,8 @@ def tune_malloc() -> bool:
 def limit_malloc_arenas(arenas: int = 1) -> bool:
     """Let glibc keep at most ``arenas`` malloc arenas (call before starting threads).
 
-    A server's many threads each get an arena of their own by default, every one keeping
-    freed buffers (the trim threshold above is raised): that doubled a server's peak RSS
-    over its chunk cache. One arena costs no speed there."""
+    Threads each get an arena of their own by default, every one keeping freed buffers
+    (the trim threshold above is raised): that doubled a server's peak RSS over its chunk
+    cache. Every command keeps two (the CLI), a server one; neither costs speed."""
     mallopt = _mallopt()
     return mallopt is not None and mallopt(M_ARENA_MAX, arenas) == 1

@@ -59,7 +59,7 @@ class PackBuilder:
     """Accumulates stored blobs for one pack; not thread-safe (the packer locks)."""
 
     def __init__(self) -> None:
-        self._parts: list[bytes] = [PACK_MAGIC]
+        self._parts: list[bytes | bytearray] = [PACK_MAGIC]
         self._size = len(PACK_MAGIC)
         self.entries: list[BlobEntry] = []
 
@@ -70,13 +70,14 @@ class PackBuilder:
     def __len__(self) -> int:
         return len(self.entries)
 
-    def add(self, blob_id: bytes, btype: BlobType, stored: bytes, raw_length: int) -> None:
+    def add(self, blob_id: bytes, btype: BlobType, stored: bytes | bytearray,
+            raw_length: int) -> None:
         self.entries.append(BlobEntry(blob_id, btype, self._size, len(stored), raw_length))
         self._parts.append(stored)
         self._size += len(stored)
 
     def seal(self, hasher: Hasher, codec: Codec, avoid: Container[bytes] = ()
-             ) -> tuple[bytes, list[bytes]]:
+             ) -> tuple[bytes, list[bytes | bytearray]]:
         """Return ``(pack_id, parts)``: the pack is the parts concatenated, its id their
         keyed hash (computed without joining them). A pack whose id is in ``avoid`` (a pack
         a prune condemned, docs/format.md §13) gets a random ``salt`` in its header, and so

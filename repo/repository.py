@@ -55,7 +55,8 @@ class Repository:
         self.key_used: keys.KeyInfo | None = None
         self.hasher = Hasher(self.master.ids if self.master else config.hash_key)
         cipher = Cipher(config.encryption, self.master.encryption) if self.master else None
-        self.codec = Codec(config.codec_level, cipher, config.repository_id)
+        self.codec = Codec(config.codec_level, cipher, config.repository_id,
+                           config.chunk_size)
         self.cache = cache if cache is not None else Cache.open(config.repository_id)
         self.store = RepoStore(backend, self.codec, self.hasher, self.cache, report)
         #: The store's object lock, in a repository that requires one.

@@ -3,10 +3,11 @@
 Thread-safe. Workers call :meth:`WriteSession.add` with plaintext blobs; a
 blob the index or this session already has is dropped, a new one is encoded
 (outside any lock), appended to the open pack, and the pack is sealed once
-it reaches the configured size. Sealed packs are stored by background
-threads (one for a local store, two for a remote one), so encoding goes on while
-packs are written; at most ``max_queued``
-sealed packs wait, which bounds memory.
+it reaches the configured size. Sealed packs are hashed and stored by two
+background threads, so encoding goes on while packs are written (and one
+pack's fsync or upload overlaps the next one's hashing); at most
+``max_queued`` full packs wait or are being stored, which with the open one
+bounds memory to ``max_queued + 1`` packs.
 
 Visibility (docs/format.md, write ordering): a blob of this session is known
 only to this session until the index segment naming its pack is durable;
@@ -25,7 +26,7 @@ import logging
 import queue
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -64,7 +65,7 @@ class WriteSession:
     """One writer's session against a repository."""
 
     def __init__(self, repo: Repository, *, flush_packs: int = 8, flush_seconds: float = 30.0,
-                 max_queued: int = 1, check: Callable[[], None] | None = None,
+                 max_queued: int = 2, check: Callable[[], None] | None = None,
                  refresh: bool = True) -> None:
         self.repo = repo
         self.store = repo.store
@@ -84,9 +85,11 @@ class WriteSession:
         #: Packs stored but not yet named by a durable segment: (id, size, entries).
         self._unindexed: list[tuple[bytes, int, list[BlobEntry]]] = []
         self._last_flush = time.monotonic()
-        self._queue: queue.Queue[PackBuilder | _Ready | None] = queue.Queue(max_queued)
-        #: Packs stored at once: a remote store rewards two requests in flight.
-        self.uploads = 1 if repo.backend.local else min(2, repo.backend.concurrency)
+        self._queue: queue.Queue[PackBuilder | _Ready | None] = queue.Queue()
+        self._room = threading.BoundedSemaphore(max_queued)
+        #: Packs sealed and stored at once: hashing a pack and waiting for its write (an
+        #: fsync, or a remote request) overlap with the next one's.
+        self.uploads = max(1, min(2, max_queued, repo.backend.concurrency))
         self._flush_lock = threading.Lock()
         self._error: BaseException | None = None
         self._uploaders: list[threading.Thread] = []
@@ -146,7 +149,8 @@ class WriteSession:
             self._pending.add(blob_id)
         return True
 
-    def _append(self, blob_id: bytes, btype: BlobType, stored: bytes, raw_length: int) -> None:
+    def _append(self, blob_id: bytes, btype: BlobType, stored: bytes | bytearray,
+                raw_length: int) -> None:
         full: PackBuilder | None = None
         with self._lock:
             self._builder.add(blob_id, btype, stored, raw_length)
@@ -170,26 +174,27 @@ class WriteSession:
                 t = threading.Thread(target=self._upload_loop, name="vmrepo-packs", daemon=True)
                 t.start()
                 self._uploaders.append(t)
-        while True:
+        while not self._room.acquire(timeout=0.5):
             self._raise_upload_error()
-            try:
-                self._queue.put(builder, timeout=0.5)
-                return
-            except queue.Full:
-                continue
+        self._raise_upload_error()
+        self._queue.put(builder)
 
     def _upload_loop(self) -> None:
         while (builder := self._queue.get()) is not None:
-            if self._error is None:
-                try:
+            try:
+                if self._error is None:
                     self._store(builder)
                     if (len(self._unindexed) >= self.flush_packs
                             or time.monotonic() - self._last_flush >= self.flush_seconds):
                         self._flush(publish=True, refresh=True)
-                except BaseException as exc:  # noqa: BLE001 - re-raised in the caller's thread
-                    self._error = exc
+            except BaseException as exc:  # noqa: BLE001 - re-raised in the caller's thread
+                self._error = exc
+            finally:
+                del builder  # its memory is free before room for another is made
+                self._room.release()
 
     def _store(self, builder: PackBuilder | _Ready) -> None:
+        parts: Sequence[bytes | bytearray | memoryview]
         if isinstance(builder, _Ready):
             pack_id, parts, entries = builder.pack_id, [builder.data], builder.entries
         else:

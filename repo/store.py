@@ -155,7 +155,7 @@ class RepoStore:
 
     # -- packs ---------------------------------------------------------------
 
-    def put_pack(self, pack_id: bytes, parts: Sequence[bytes | memoryview]) -> None:
+    def put_pack(self, pack_id: bytes, parts: Sequence[bytes | bytearray | memoryview]) -> None:
         self.backend.put(pack_key(pack_id), parts)
 
     def get_range(self, key: str, offset: int, length: int) -> bytes:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import os
 import signal
 import sys
+import threading
 from typing import Any
 
 from vmrepo.cli import main
@@ -20,16 +21,19 @@ from vmrepo.storage.local import LocalBackend
 def arm(operation: str, prefix: str, nth: int, when: str) -> None:
     original = getattr(LocalBackend, operation)
     seen = 0
+    lock = threading.Lock()
 
     def hooked(self: LocalBackend, key: str, *args: Any, **kw: Any) -> Any:
         nonlocal seen
         hit = key.startswith(prefix)
-        if hit:
-            seen += 1
-        if hit and seen == nth and when == "before":
+        with lock:  # calls come from several threads (two pack writers)
+            if hit:
+                seen += 1
+            mine = seen if hit else 0
+        if mine == nth and when == "before":
             os.kill(os.getpid(), signal.SIGKILL)
         result = original(self, key, *args, **kw)
-        if hit and seen == nth and when == "after":
+        if mine == nth and when == "after":
             os.kill(os.getpid(), signal.SIGKILL)
         return result
 

@@ -199,9 +199,13 @@ def forgotten_repo(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, list
     rnd = random.Random(3)
     snaps = []
     for i in range(5):
-        if i:  # the same MiB rewritten: what the forgotten snapshots held there is garbage
+        if i:  # the same MiB rewritten (packs of garbage once the snapshots are forgotten),
+            # and chunks here and there (garbage in packs that also hold chunks in use)
             with open(work / "a.raw", "r+b") as f:
                 f.write(rnd.randbytes(MiB))
+                for _ in range(8):
+                    f.seek(MiB + rnd.randrange(48) * 64 * 1024)
+                    f.write(rnd.randbytes(64 * 1024))
         sid = run_json("snapshot", "vm1", cwd=work, env=env)["id"]
         snaps.append((sid, (work / "a.raw").read_bytes()))
     run_cli("forget", "--keep-last", "2", cwd=work, env=env)

@@ -52,6 +52,36 @@ def test_blob_codec_compresses_or_stores_raw() -> None:
     assert plain.encode_blob(bid, text)[0] == 0
 
 
+def test_incompressible_blobs_are_stored_raw_without_compressing_them() -> None:
+    bid = b"\x02" * 32
+    calls = 0
+    codec = Codec(3)
+    real = codec._compressor
+
+    def counting():  # type: ignore[no-untyped-def]
+        nonlocal calls
+        calls += 1
+        return real()
+    codec._compressor = counting  # type: ignore[method-assign]
+    rnd = os.urandom(256 * 1024)
+    enc = codec.encode_blob(bid, rnd)
+    assert enc[0] == 0 and enc[1:] == rnd and calls == 0
+    # Compressible data, even with random bytes at its start, is compressed.
+    mixed = os.urandom(2048) + b"0123456789abcdef" * (16 * 1024 - 128)
+    enc = codec.encode_blob(bid, mixed)
+    assert enc[0] == 1 and len(enc) < len(mixed) // 4 and calls == 1
+    assert codec.decode_blob(bid, enc, len(mixed), "b") == mixed
+
+
+@given(st.binary(min_size=1, max_size=300_000), st.sampled_from([1, 3, 9]))
+@settings(max_examples=30, deadline=None)
+def test_every_blob_round_trips(data: bytes, level: int) -> None:
+    codec, bid = Codec(level, blob_size=65536), b"\x03" * 32
+    enc = codec.encode_blob(bid, data)
+    assert codec.decode_blob(bid, enc, len(data), "b") == data
+    assert len(enc) <= len(data) + 1
+
+
 def test_keyed_ids_depend_on_key() -> None:
     a, b = Hasher(b"a" * 32), Hasher(b"b" * 32)
     assert a.id(b"x") != b.id(b"x")

@@ -32,7 +32,7 @@ from .. import __version__, exitcodes, logs
 from ..errors import ConfigError, Interrupted, NoPassphrase, RepositoryLocked
 from ..keys import passphrase_from_env
 from ..locks import REPOSITORY, RepoLock, acquire
-from ..memtune import tune_malloc
+from ..memtune import limit_malloc_arenas, tune_malloc
 from ..plugins import open_backend
 from ..repository import Repository
 from ..settings import Settings, load_settings
@@ -327,6 +327,7 @@ def main(argv: list[str] | None = None) -> NoReturn:
     """Entry point: run the CLI and turn errors into one line and an exit code."""
     signal.signal(signal.SIGTERM, _raise_interrupt)
     tune_malloc()
+    limit_malloc_arenas(2)  # one arena per thread would each keep freed chunk buffers
     logs.setup(0)
     try:
         cli.main(args=argv, prog_name="vmrepo", standalone_mode=False)
