@@ -25,7 +25,7 @@ _END = object()
 class PushExport(Export):
     """A write-only export of ``size`` bytes feeding one disk stream."""
 
-    def __init__(self, name: str, size: int, budget: int = 32 << 20) -> None:
+    def __init__(self, name: str, size: int, budget: int = 16 << 20) -> None:
         self.name = name
         self.size = size
         self.writable = True
