@@ -9,7 +9,9 @@ damage never travels to a replica):
    looked up in the destination's index; those it lacks (or has only in a
    pack that is gone) are marked, one byte per source blob.
 2. Each source pack holding marked blobs is copied whole when all of its
-   blobs are wanted (its id is checked against its bytes on the way), else
+   blobs are wanted (its id is checked against its bytes on the way) and
+   its header opens in the destination (not encrypted: a sealed header
+   names its repository), else
    the wanted blobs are read in coalesced ranges (the read planner, stored
    bytes as they are, checked) and packed anew.
 3. The destination's write session indexes what it stored as it goes, so an
@@ -113,6 +115,11 @@ def _copy_blobs(src: Repository, dst: Repository, todo: list[Snapshot], stats: C
             if not wanted[n] and bid not in dst.index:
                 wanted[n] = 1
                 packs[loc.pack_id] = None
+    # A sealed pack header names its repository: between two encrypted repositories (which
+    # share the key but not the id) the blobs move sealed and the new packs get headers of
+    # their own.
+    whole_ok = not dst.config.encrypted or \
+        src.config.repository_id == dst.config.repository_id
     session = dst.session(check=check_dst)
     try:
         partial: list[tuple[bytes, tuple[BlobType, int]]] = []
@@ -120,7 +127,7 @@ def _copy_blobs(src: Repository, dst: Repository, todo: list[Snapshot], stats: C
             entries = _wanted_entries(src, ordinals, wanted, pack_id)
             header = src.store.pack_header(pack_id)
             total = sum(e.length for e in header)
-            if len(entries) == len(header) and \
+            if whole_ok and len(entries) == len(header) and \
                     sum(e.length for e in entries) >= WHOLE_PACK * total and \
                     _copy_whole(src, session, pack_id, header):
                 stats.packs_whole += 1

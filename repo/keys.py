@@ -14,6 +14,7 @@ associated data of the sealed master key binds it to its repository id.
 from __future__ import annotations
 
 import base64
+import binascii
 import hashlib
 import secrets
 import socket
@@ -72,11 +73,18 @@ class MasterKey:
 
     @classmethod
     def parse_export(cls, text: str) -> tuple[str, MasterKey]:
-        parts = text.split()
-        if len(parts) < 4 or parts[0] != "vmrepo-key":
-            raise ValueError("not an exported vmrepo key (it starts with 'vmrepo-key')")
-        body = "".join(parts[2:-1])
-        raw = base64.b32decode(body + "=" * (-len(body) % 8))
+        """The repository id and key of an export: its first line that starts with
+        ``vmrepo-key`` (whatever else the file holds); ValueError saying what is wrong."""
+        line = next((ln for ln in text.splitlines() if ln.strip().startswith("vmrepo-key")), "")
+        parts = line.split()
+        if len(parts) < 4:
+            raise ValueError("not an exported vmrepo key (no line starts with 'vmrepo-key')")
+        body = "".join(parts[2:-1]).upper()
+        try:
+            raw = base64.b32decode(body + "=" * (-len(body) % 8))
+        except (binascii.Error, ValueError):
+            raise ValueError("the exported key holds characters that are not base32 (A-Z, "
+                             "2-7): a typo?") from None
         if f"{zlib.crc32(raw):08x}" != parts[-1].lower():
             raise ValueError("the exported key's check sum does not match (a typo?)")
         return parts[1], cls.from_raw(raw)

@@ -189,6 +189,9 @@ class Context:
         """The passphrase of a repository (:meth:`_password_env`), else asked on the
         terminal. Never taken from the command line."""
         found = passphrase_from_env(self._password_env(name_or_url))
+        if found == "":
+            raise NoPassphrase(f"the passphrase for {location} is empty (the first line of "
+                               "the password file, or of what the password command printed)")
         if found is not None:
             return found
         if sys.stdin.isatty():

@@ -7,7 +7,7 @@ from pathlib import Path
 import click
 
 from .. import keys
-from ..errors import ConfigError, KeyNotFound, WrongPassphrase
+from ..errors import ConfigError, KeyNotFound, NoPassphrase, WrongPassphrase
 from ..keys import MasterKey
 from ..repository import Repository
 from .app import Context, command
@@ -68,20 +68,32 @@ def key(ctx: Context, action: str, key_id: str | None, label: str,
         if len(keys.list_keys(store)) < 2:
             raise KeyNotFound(f"{victim.id[:8]} is the only key: removing it would lock "
                               "everyone out (add another first)")
+        if victim.id == used.id:
+            raise KeyNotFound(f"{victim.id[:8]} is the key this command opened the repository "
+                              "with: `vmrepo key passwd` replaces it; to remove it, open the "
+                              "repository with another key")
         keys.remove_key(store, victim.id)
         ctx.emit({"removed": victim.id}, lambda: click.echo(f"removed key {victim.id[:8]}"))
     else:
         text = r.master.export(rid)
-        ctx.emit({"export": text}, lambda: click.echo(
-            f"{text}\n(anyone holding this line can read the repository: keep it offline; "
-            "`vmrepo key add --from-export FILE` restores access with it)"))
+        ctx.emit({"export": text}, lambda: click.echo(text))
+        click.echo("vmrepo: anyone holding this line can read the repository: keep it "
+                   "offline; `vmrepo key add --from-export FILE` restores access with it",
+                   err=True)
 
 
 def _add_from_export(ctx: Context, path: Path, label: str) -> None:
     backend = ctx.backend_for()
     try:
-        rid, master = MasterKey.parse_export(path.read_text())
-    except (OSError, UnicodeDecodeError, ValueError) as exc:
+        text = path.read_text(encoding="utf-8")
+    except OSError as exc:
+        raise NoPassphrase(f"cannot read the exported key {path}: "
+                           f"{exc.strerror or exc}") from None
+    except UnicodeDecodeError:
+        raise WrongPassphrase(f"{path} is not an exported vmrepo key (not text)") from None
+    try:
+        rid, master = MasterKey.parse_export(text)
+    except ValueError as exc:
         raise WrongPassphrase(f"cannot use {path}: {exc}") from None
     r = Repository.open(backend, master=master, report=ctx.report)
     if r.config.repository_id != rid:
