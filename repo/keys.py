@@ -151,8 +151,9 @@ def unlock(store: RepoStore, repository_id: str, passphrase: str) -> tuple[Maste
     opens, KeyNotFound if there is no key record."""
     records = _records(store)
     if not records:
-        raise IntegrityError(f"{store.backend.location} is encrypted but holds no key record "
-                             "(keys/): it cannot be opened", key="keys/")
+        raise IntegrityError(f"{store.backend.location} is encrypted but holds no readable key "
+                             "record (keys/): it cannot be opened without the exported key "
+                             "(`vmrepo key add --from-export`)", key="keys/")
     for info, rec in records:
         try:
             kdf = rec["kdf"]
@@ -165,7 +166,8 @@ def unlock(store: RepoStore, repository_id: str, passphrase: str) -> tuple[Maste
         except (InvalidTag, KeyError, TypeError, ValueError):
             continue
         return MasterKey.from_raw(raw), info
-    raise WrongPassphrase("wrong passphrase: no key of this repository opens with it")
+    raise WrongPassphrase(f"wrong passphrase for {store.backend.location}: no key of this "
+                          "repository opens with it")
 
 
 def remove_key(store: RepoStore, key_id: str) -> None:

@@ -195,8 +195,8 @@ def test_passphrase_errors_are_one_line(work: Path, monkeypatch: pytest.MonkeyPa
     res = run_cli("snapshot", "vm1", cwd=work, env={"VMREPO_PASSWORD_FILE": str(work / "wrong")},
                   check=False)
     assert res.returncode == exitcodes.WRONG_PASSPHRASE
-    assert res.stderr.strip() == "vmrepo: error: wrong passphrase: no key of this repository " \
-                                 "opens with it"
+    assert res.stderr.strip() == f"vmrepo: error: wrong passphrase for {work / 'repo'}: no " \
+                                 "key of this repository opens with it"
     res = run_cli("snapshots", cwd=work, env={"VMREPO_PASSWORD_FILE": "",
                                                "VMREPO_PASSWORD_COMMAND": "echo wrong"},
                   check=False)
