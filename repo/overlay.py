@@ -243,6 +243,9 @@ class Overlay:
 
 def prepare_directory(directory: Path) -> None:
     """Make the overlay directory (0700) if missing; OutputError if it cannot be used."""
+    if directory.exists() and not directory.is_dir():
+        raise OutputError(f"{directory} is not a directory (--writable names a directory "
+                          "for the overlays)", str(directory))
     try:
         directory.mkdir(mode=0o700, parents=True, exist_ok=True)
     except OSError as exc:

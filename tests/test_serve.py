@@ -511,6 +511,8 @@ def test_bad_input_gives_one_line_and_its_exit_code(work: Path, tmp_path: Path) 
         (["vm1@latest", "--socket", str(live)], exitcodes.RESTORE, "another server"),
         (["vm1@latest"], exitcodes.USAGE, "--socket"),
         (["vm1@latest", "--listen", "localhost"], exitcodes.USAGE, "HOST:PORT"),
+        (["vm1@latest", "--socket", str(tmp_path / "b.sock"), "--writable", str(live)],
+         exitcodes.OUTPUT, "is not a directory"),
     ]
     try:
         for args, code, text in cases:

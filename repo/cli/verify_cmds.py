@@ -55,8 +55,11 @@ def verify_lines(rep: VerifyReport) -> list[str]:
                    + (": " + ", ".join(f"{s.vm}@{s.short_id}" for s in rep.intact[:8])
                       if rep.intact else ""))
     if rep.reclaimable_bytes:
+        # With damage, what looks unreferenced may be what a lost index entry points to:
+        # prune refuses then, so repair comes first.
+        then = "after `vmrepo repair`, " if rep.findings else ""
         out.append(f"reclaimable: {human_bytes(rep.reclaimable_bytes)} no snapshot references "
-                   "(`vmrepo prune` frees it)")
+                   f"({then}`vmrepo prune` frees it)")
     out.append("damage found: `vmrepo repair` heals what it can (`--from REPO` fetches lost "
                "blobs from a replica)" if rep.findings else "no damage found")
     return out
