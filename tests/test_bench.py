@@ -130,7 +130,8 @@ def test_scale_bench_quick() -> None:
     assert [r["source"] for r in full] == ["file", "qmp", "nbd"]
     for r in full:
         small, big = positive(r["64 MiB disk, s"]), positive(r["10 GiB sparse disk, s"])
-        assert float(r["10 GiB / 64 MiB"]) == pytest.approx(big / small, abs=0.01)
+        # The ratio is of the unrounded times; the times are shown to 0.01 s.
+        assert float(r["10 GiB / 64 MiB"]) == pytest.approx(big / small, rel=0.05)
         assert r["verdict"] in ("met", "missed")
         # The holes of the large disk are not read: it has the small one's data.
         assert float(r["read from the 10 GiB disk, MiB"]) == pytest.approx(64, abs=1)
