@@ -49,9 +49,13 @@ class Hasher:
         # blake3 releases the GIL on large inputs, so chunk workers run in parallel.
         return bytes(blake3.blake3(data, key=self.key, max_threads=1).digest())
 
+    def stream(self) -> blake3.blake3:
+        """A hasher to feed piece by piece; its digest is the id of what it was fed."""
+        return blake3.blake3(key=self.key, max_threads=1)
+
     def id_of_parts(self, parts: Sequence[bytes | bytearray | memoryview]) -> bytes:
         """The id of the parts' concatenation."""
-        h = blake3.blake3(key=self.key, max_threads=1)
+        h = self.stream()
         for p in parts:
             h.update(p)
         return bytes(h.digest())

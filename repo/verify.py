@@ -28,7 +28,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import blake3
 import msgpack
 from vmrepo.storage.errors import StorageError
 
@@ -325,7 +324,7 @@ class _Checker:
         if whole:
             ranges[0] = (0, *ranges[0][1:])
             ranges[-1] = (ranges[-1][0], size, ranges[-1][2])
-        digest = blake3.blake3(key=self.repo.hasher.key, max_threads=1) if whole else None
+        digest = self.repo.hasher.stream() if whole else None
         for start, end, group in ranges:
             try:
                 data = memoryview(store.get_range(key, start, end - start))
