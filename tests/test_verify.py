@@ -249,6 +249,16 @@ def test_a_missing_index_segment(work: Path, prepared: Any) -> None:
     _restores(work, prepared[1])
 
 
+def test_every_index_segment_deleted(work: Path, prepared: Any) -> None:
+    for segment in (work / "repo" / "index").iterdir():
+        segment.unlink()
+    code, doc = _verify(work)
+    assert code == exitcodes.INTEGRITY and not doc["intact"]
+    run_cli("repair", "index", cwd=work)
+    assert _verify(work, "--read-data")[1]["clean"]
+    _restores(work, prepared[1])
+
+
 def test_a_corrupt_manifest_page(work: Path, prepared: Any) -> None:
     bid, path, offset, length = _chunk_location(work, BlobType.PAGE)
     _flip(path, offset + length // 2)
