@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import compileall
+import functools
 import os
 import subprocess
 import sys
@@ -46,5 +48,12 @@ def dir_size(path: Path) -> int:
     return sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
 
 
+@functools.cache
 def vmrepo_bin() -> str:
+    """The ``vmrepo`` command, its modules byte-compiled first as an installed program's
+    are (an editable install under ``PYTHONDONTWRITEBYTECODE`` would compile every module
+    on every run: 0.1 s of each command's time)."""
+    root = Path(__file__).resolve().parent.parent
+    for package in ("repo", "sources", "storage"):
+        compileall.compile_dir(root / package, quiet=1)
     return str(Path(sys.executable).parent / "vmrepo")

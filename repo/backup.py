@@ -24,7 +24,6 @@ from datetime import UTC, datetime
 
 from vmrepo.sources.base import (
     BackupContext,
-    Data,
     DiskStream,
     PriorSnapshot,
     Source,
@@ -33,7 +32,7 @@ from vmrepo.sources.base import (
 from vmrepo.sources.errors import SourceError
 
 from . import __version__
-from .chunker import ChunkAssembler
+from .chunker import ChunkAssembler, Piece
 from .errors import IntegrityError, SnapshotNotFound
 from .format import ID_SIZE, ZERO_ID, BlobType
 from .logs import ignored
@@ -116,7 +115,7 @@ class _DiskWriter:
             base=base,
         )
         #: Chunks go to the pool in batches of about 1 MiB (fewer tasks, less overhead).
-        self._batch: list[tuple[int, Data]] = []
+        self._batch: list[tuple[int, Piece]] = []
         self._batch_size = max(1, BATCH_BYTES // cfg.chunk_size)
         self._inflight: deque[tuple[list[int], Future[list[tuple[bytes, int]]]]] = deque()
         self._max_inflight = workers * 2
@@ -129,22 +128,29 @@ class _DiskWriter:
             self.stats.bytes_manifest += stored
         return pid
 
-    def _store_chunks(self, batch: list[tuple[int, Data]]) -> list[tuple[bytes, int]]:
+    def _store_chunks(self, batch: list[tuple[int, Piece]]) -> list[tuple[bytes, int]]:
         out = []
         for _, data in batch:
             cid = self.repo.hasher.id(data)
             out.append((cid, self.session.add(cid, BlobType.CHUNK, data)))
         return out
 
-    def _emit(self, index: int, data: Data | None) -> None:
+    def _emit(self, index: int, data: Piece | None) -> None:
         self.stats.chunks += 1
-        if data is None or data == self.repo.zero_chunk(len(data)):
+        if data is None or self._is_zero(data):
             self.stats.chunks_zero += 1
             self.builder.set(index, ZERO_ID)
             return
         self._batch.append((index, data))
         if len(self._batch) >= self._batch_size:
             self._submit()
+
+    def _is_zero(self, data: Piece) -> bool:
+        # Comparing a memoryview with bytes goes item by item (70 times slower than bytes
+        # with bytes); data that neither starts nor ends with a zero byte is not copied.
+        if len(data) and (data[0] or data[-1]):
+            return False
+        return bytes(data) == self.repo.zero_chunk(len(data))
 
     def _submit(self) -> None:
         if not self._batch:

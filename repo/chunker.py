@@ -1,6 +1,7 @@
 """Cuts a stream of extents into fixed-size chunks, whatever their order and size.
 
-Pieces that cover a whole chunk are passed on at once without copying;
+Pieces that cover a whole chunk are passed on at once without copying (as
+views of the extent's buffer);
 pieces of a chunk are collected in a buffer until the chunk is covered.
 Memory therefore stays bounded by the chunks in progress, which for QEMU's
 push (requests up to 1 MiB, out of order by up to ~64 MiB) is small.
@@ -15,8 +16,10 @@ from vmrepo.sources.base import Data
 
 from .errors import ExtentError
 
+#: A chunk's bytes: a view of an extent's buffer, or a buffer of its own.
+Piece = Data | memoryview
 #: Called with (chunk_index, bytes or None for all zeros).
-Emit = Callable[[int, Data | None], None]
+Emit = Callable[[int, Piece | None], None]
 
 
 @dataclass
@@ -27,7 +30,7 @@ class Partial:
     buf: bytearray | None = None
     covered: list[list[int]] = field(default_factory=list)
 
-    def add(self, start: int, end: int, data: Data | None) -> None:
+    def add(self, start: int, end: int, data: Piece | None) -> None:
         for s, e in self.covered:
             if start < e and s < end:
                 raise ExtentError(f"overlapping extent at chunk offset {start}")
@@ -81,13 +84,14 @@ class ChunkAssembler:
         else:
             self.data_bytes += length
         cs = self.chunk_size
+        view = None if data is None else memoryview(data)
         pos, end = offset, offset + length
         while pos < end:
             index = pos // cs
             cstart = index * cs
             cend = min(cstart + cs, self.size)
             n = min(end, cend) - pos
-            piece = None if data is None else data[pos - offset : pos - offset + n]
+            piece = None if view is None else view[pos - offset : pos - offset + n]
             if pos == cstart and n == cend - cstart and index not in self.partials:
                 self.emit(index, piece)
             else:

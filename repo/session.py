@@ -104,7 +104,7 @@ class WriteSession:
                 return True
         return blob_id in self.index
 
-    def add(self, blob_id: bytes, btype: BlobType, data: bytes | bytearray) -> int:
+    def add(self, blob_id: bytes, btype: BlobType, data: bytes | bytearray | memoryview) -> int:
         """Store ``data`` unless known; return the stored bytes it added (0 if deduplicated)."""
         if not self._claim(blob_id):
             return 0

@@ -7,6 +7,7 @@ import os
 import random
 import signal
 import subprocess
+import sys
 from datetime import datetime
 from pathlib import Path
 
@@ -213,3 +214,52 @@ def test_sigterm_mid_snapshot_exits_130_without_record(tmp_path: Path) -> None:
     assert "interrupted by SIGTERM" in err and "Traceback" not in err
     assert not list((tmp_path / "repo" / "snapshots").glob("*"))
     assert run_json("locks", cwd=tmp_path)["locks"] == []  # released on the way out
+
+
+def test_the_command_table_names_every_command_where_it_is_defined() -> None:
+    """``vmrepo`` imports a command's module when the command runs: its table must name
+    each command of each module, and nothing else."""
+    import importlib
+
+    from vmrepo.cli.app import COMMANDS, cli
+
+    modules = sorted(set(COMMANDS.values()))
+    for module in modules:
+        importlib.import_module(f"vmrepo.cli.{module}")
+    defined = {name: cmd.callback.__module__.rsplit(".", 1)[1]  # type: ignore[union-attr]
+               for name, cmd in cli.commands.items()}
+    assert defined == COMMANDS
+
+
+def test_help_lists_every_command_and_a_command_loads_only_its_module(tmp_path: Path) -> None:
+    from vmrepo.cli.app import COMMANDS
+
+    out = run_cli("--help", cwd=tmp_path).stdout
+    listed = {line.split()[0] for line in out.split("Commands:", 1)[1].splitlines()
+              if line.strip()}
+    assert listed == set(COMMANDS)
+    probe = ("import sys; from vmrepo.cli import main\n"
+             "try:\n    main(['snapshots', '--help'])\nexcept SystemExit:\n    pass\n"
+             "print(sorted(m for m in sys.modules if m.startswith('vmrepo.cli.')))")
+    res = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True,
+                         check=True, cwd=tmp_path)
+    loaded = res.stdout.strip().splitlines()[-1]
+    assert "vmrepo.cli.repository_cmds" in loaded
+    assert "restore_cmds" not in loaded and "serve_cmds" not in loaded, loaded
+
+
+def test_the_builtin_plugins_are_the_declared_entry_points() -> None:
+    """Built-in plugins load without a metadata scan (repo/plugins.py); pyproject.toml
+    declares the same ones as entry points, where other packages add theirs."""
+    import tomllib
+    from importlib.metadata import entry_points
+
+    from vmrepo.plugins import BUILTIN, _plugin
+
+    project = tomllib.loads((Path(__file__).parent.parent / "pyproject.toml").read_text())
+    assert project["project"]["entry-points"] == BUILTIN
+    for group, table in BUILTIN.items():
+        assert {ep.name: ep.value for ep in entry_points(group=group)} == table
+        for name in table:
+            assert _plugin(group, name) is not None
+        assert _plugin(group, "no-such-plugin") is None

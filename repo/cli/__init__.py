@@ -12,20 +12,10 @@
     retention_cmds    forget, prune
     verify_cmds       verify, repair
     key_cmds          key (list, add, remove, passwd, export)
+
+A command's module is imported when the command runs (``app.COMMANDS``).
 """
 
-from . import (
-    backup_cmds,
-    copy_cmds,
-    insight_cmds,
-    key_cmds,
-    repository_cmds,
-    restore_cmds,
-    retention_cmds,
-    serve_cmds,
-    verify_cmds,
-)
 from .app import cli, main
 
-__all__ = ["backup_cmds", "cli", "copy_cmds", "insight_cmds", "key_cmds", "main", "repository_cmds",
-           "restore_cmds", "retention_cmds", "serve_cmds", "verify_cmds"]
+__all__ = ["cli", "main"]

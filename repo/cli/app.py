@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import importlib
 import json
 import logging
 import os
@@ -107,7 +108,32 @@ def parse_wait(text: str, option: str = "--retry-lock") -> float:
     return seconds
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+#: Each command and the module that defines it, imported only when the command runs (or
+#: when ``--help`` lists them all): a command pays for its own imports, not every other's.
+COMMANDS = {
+    "init": "repository_cmds", "upgrade": "repository_cmds", "snapshots": "repository_cmds",
+    "show": "repository_cmds", "locks": "repository_cmds", "unlock": "repository_cmds",
+    "snapshot": "backup_cmds", "bitmaps": "backup_cmds", "restore": "restore_cmds",
+    "serve": "serve_cmds", "stats": "insight_cmds", "diff": "insight_cmds",
+    "tag": "insight_cmds", "copy": "copy_cmds", "forget": "retention_cmds",
+    "prune": "retention_cmds", "verify": "verify_cmds", "repair": "verify_cmds",
+    "key": "key_cmds",
+}
+
+
+class LazyGroup(click.Group):
+    """The ``vmrepo`` group: loads a command's module when the command is looked up."""
+
+    def list_commands(self, ctx: click.Context) -> list[str]:
+        return sorted({*COMMANDS, *self.commands})
+
+    def get_command(self, ctx: click.Context, cmd_name: str) -> click.Command | None:
+        if cmd_name not in self.commands and cmd_name in COMMANDS:
+            importlib.import_module(f".{COMMANDS[cmd_name]}", __package__)
+        return super().get_command(ctx, cmd_name)
+
+
+@click.group(cls=LazyGroup, context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(__version__, prog_name="vmrepo")
 @_global_options
 @click.pass_context
