@@ -387,7 +387,8 @@ def docs_section(b: Bench, rounds: int, writes: int, results: str, tgts: str,
              "file), an incremental backup, and a restore of the latest snapshot (best of "
              f"{rounds}, checked with `cmp`). " + ("; ".join(tools) + ". " if tools else "")
              + "vmrepo's restores run with `--no-sync`, like restic's and borg's, which do not "
-             "wait for the disk either. Each command runs in its own process, after a `sync`."),
+             "wait for the disk either. Each command runs in its own process, after a `sync`, "
+             "timed from its start to its exit."),
         para(f"Machine: {docsgen.machine()}."),
         results,
         para(legend(b.paths)),

@@ -7,18 +7,20 @@ import functools
 import os
 import subprocess
 import sys
-import time
 from dataclasses import dataclass
 from pathlib import Path
 
 # A small wrapper process starts the command, so the peak RSS is the command's own and
-# not inherited from the (large) benchmark process at fork time.
+# not inherited from the (large) benchmark process at fork time; it also times the command
+# from its start to its exit, without the wrapper's own start-up.
 _WRAP = (
-    "import os, subprocess, sys\n"
+    "import os, subprocess, sys, time\n"
+    "t = time.monotonic()\n"
     "p = subprocess.Popen(sys.argv[1:], stderr=subprocess.DEVNULL)\n"
     "_, st, ru = os.wait4(p.pid, 0)\n"
+    "wall = time.monotonic() - t\n"
     "sys.stderr.write(f'{os.waitstatus_to_exitcode(st)} {ru.ru_utime + ru.ru_stime} "
-    "{ru.ru_maxrss}')\n"
+    "{ru.ru_maxrss} {wall}')\n"
 )
 
 
@@ -33,15 +35,13 @@ class Measured:
 def run_measured(cmd: list[str], env: dict[str, str] | None = None, cwd: Path | None = None
                  ) -> Measured:
     """Run ``cmd``; exit the benchmark if it fails."""
-    t = time.monotonic()
     res = subprocess.run([sys.executable, "-c", _WRAP, *cmd],
                          env={**os.environ, **(env or {})}, cwd=cwd, capture_output=True,
                          text=True, check=False)
-    wall = time.monotonic() - t
-    code, cpu, rss = res.stderr.split()[-3:]
+    code, cpu, rss, wall = res.stderr.split()[-4:]
     if int(code) != 0:
         sys.exit(f"bench: {' '.join(cmd)} failed with exit code {code}")
-    return Measured(wall, float(cpu), int(rss) * 1024, res.stdout)
+    return Measured(float(wall), float(cpu), int(rss) * 1024, res.stdout)
 
 
 def dir_size(path: Path) -> int:

@@ -193,7 +193,7 @@ class Codec:
             return out
         return self.cipher.seal(payload, blob_id, bytes([ENCRYPTION_AEAD << 4 | enc]))
 
-    def decode_blob(self, blob_id: bytes, stored: bytes | memoryview, raw_length: int,
+    def decode_blob(self, blob_id: bytes, stored: bytes | bytearray | memoryview, raw_length: int,
                     what: str) -> bytes:
         """The plaintext of a stored blob of ``raw_length`` bytes."""
         if not len(stored):

@@ -9,7 +9,9 @@ Requests run on a thread pool sized from the CPU count and the backend's
 concurrency hint; each worker fetches its range, decodes and checks every
 blob in it against its id and hands the plaintext to the caller's
 ``deliver(tag, data)``, which writes it where it belongs. At most
-``memory`` bytes of requests are in flight.
+``memory`` bytes of requests are in flight; from a store that reads in
+windows (S3), a request holds one window at a time, so a whole pack is asked
+for at once without holding it.
 
 A blob whose copy fails its checks (or whose pack is missing) is read again
 from any other copy the index knows; if none is good, the caller's
@@ -136,7 +138,12 @@ class ReadPlanner(Generic[T]):
         return self.stats
 
     def _units(self, req: _Request[T]) -> int:
-        return min(max(1, (req.end - req.start) >> 16), self.memory // (64 << 10))
+        # A store that reads in windows holds one window (or blob) of a request at a time.
+        size = req.end - req.start
+        window = self.repo.backend.read_window
+        if window:
+            size = min(size, max(window, max(loc.length for _, loc, _ in req.blobs)))
+        return min(max(1, size >> 16), self.memory // (64 << 10))
 
     def _done(self, fut: Future[None], *, units: int, error: list[BaseException]) -> None:
         for _ in range(units):
@@ -177,26 +184,34 @@ class ReadPlanner(Generic[T]):
 
     def _run(self, req: _Request[T]) -> None:
         key = pack_key(req.pack_id)
+        pieces = self.repo.store.get_spans(key, [(loc.offset, loc.length)
+                                                 for _, loc, _ in req.blobs])
         try:
-            data = memoryview(self.repo.store.get_range(key, req.start, req.end - req.start))
-        except StorageError as exc:
-            log.debug("request %s %d+%d failed: %s", key, req.start, req.end - req.start, exc)
-            for blob_id, _loc, tags in req.blobs:
-                self._retry(blob_id, tags, f"{key}: {exc}")
-            return
-        with self._stats_lock:
-            self.stats.requests += 1
-            self.stats.bytes_fetched += len(data)
-        for blob_id, loc, tags in req.blobs:
-            stored = data[loc.offset - req.start : loc.offset - req.start + loc.length]
-            what = f"blob {blob_id.hex()[:16]} in {key}"
-            try:
-                plain = self.repo.check_blob(blob_id, stored, loc.raw_length, what) \
-                    if self.decode else bytes(stored)
-            except IntegrityError as exc:
-                self._retry(blob_id, tags, str(exc))
-                continue
-            self._give(tags, plain)
+            for i, (blob_id, loc, tags) in enumerate(req.blobs):
+                try:
+                    stored = next(pieces, None)
+                    if stored is None:
+                        raise StorageError(f"{key}: fewer spans than asked for", key=key)
+                except StorageError as exc:
+                    log.debug("request %s %d+%d failed: %s", key, req.start,
+                              req.end - req.start, exc)
+                    for later_id, _loc, later_tags in req.blobs[i:]:
+                        self._retry(later_id, later_tags, f"{key}: {exc}")
+                    return
+                if i == 0:
+                    with self._stats_lock:
+                        self.stats.requests += 1
+                        self.stats.bytes_fetched += req.end - req.start
+                what = f"blob {blob_id.hex()[:16]} in {key}"
+                try:
+                    plain = self.repo.check_blob(blob_id, stored, loc.raw_length, what) \
+                        if self.decode else bytes(stored)
+                except IntegrityError as exc:
+                    self._retry(blob_id, tags, str(exc))
+                    continue
+                self._give(tags, plain)
+        finally:
+            pieces.close()
 
     def _give(self, tags: list[T], data: bytes) -> None:
         for tag in tags:

@@ -255,7 +255,7 @@ class Repository:
             return data
         raise IntegrityError(f"{what}: no readable copy ({'; '.join(errors)})", key=what)
 
-    def check_blob(self, blob_id: bytes, stored: bytes | memoryview, raw_length: int,
+    def check_blob(self, blob_id: bytes, stored: bytes | bytearray | memoryview, raw_length: int,
                    what: str) -> bytes:
         """Decode a stored blob and check it against its id."""
         data = self.codec.decode_blob(blob_id, stored, raw_length, what)

@@ -16,11 +16,11 @@ wrong) instead of failing the whole command:
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Generator, Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from vmrepo.storage.base import Backend, ObjectInfo, Payload, is_valid_key
+from vmrepo.storage.base import Backend, Buffer, ObjectInfo, Payload, Span, is_valid_key
 from vmrepo.storage.errors import ObjectNotFound
 
 from .cache import Cache, ObjectCache
@@ -160,6 +160,11 @@ class RepoStore:
 
     def get_range(self, key: str, offset: int, length: int) -> bytes:
         return self.backend.get(key, offset, length)
+
+    def get_spans(self, key: str, spans: Sequence[Span]) -> Generator[Buffer, None, None]:
+        """Several spans of one object with one request (as they arrive, where the
+        backend reads in windows)."""
+        return self.backend.get_spans(key, spans)
 
     def pack_header(self, pack_id: bytes, size: int | None = None) -> list[BlobEntry]:
         """The blobs a pack's own header lists (the index can be rebuilt from these)."""

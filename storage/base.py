@@ -18,6 +18,11 @@ Every backend MUST guarantee:
   ``delete`` is idempotent: deleting an absent key succeeds.
 * **Ranged get**: ``get(key, offset, length)`` returns exactly the bytes
   asked for, or raises; a range beyond the end is an error.
+  ``get_spans(key, spans)`` gives the bytes of several ascending spans of
+  one object, read with one request; a backend with a ``read_window`` hands
+  the spans over as they arrive, holding at most that many bytes (or one
+  span) at once, not the range (the base implementation reads the range
+  with ``get``).
 * **Listing by prefix**: ``list(prefix)`` yields an :class:`ObjectInfo` for
   every object whose name starts with ``prefix``, each once, in no
   particular order, with its size and, where the store has them, its
@@ -38,7 +43,7 @@ from __future__ import annotations
 
 import re
 from abc import ABC, abstractmethod
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Generator, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -48,6 +53,8 @@ from .objectlock import ObjectLock
 Buffer = bytes | bytearray | memoryview
 #: What ``put`` stores: one buffer, or parts stored concatenated (no join needed).
 Payload = Buffer | Sequence[Buffer]
+#: A byte range of an object: (offset, length).
+Span = tuple[int, int]
 
 
 @dataclass(frozen=True)
@@ -120,6 +127,9 @@ class Backend(ABC):
     atomic_create: bool = True
     #: The settings ``from_url`` takes from the config's ``[storage]`` table.
     option_keys: frozenset[str] = frozenset()
+    #: ``get_spans`` hands spans over as they arrive, holding at most this many bytes (or
+    #: one span) at once; 0: it reads the whole range first.
+    read_window: int = 0
 
     @classmethod
     def from_url(cls, url: str, create: bool = False,
@@ -146,6 +156,18 @@ class Backend(ABC):
         Raises :class:`~vmrepo.storage.errors.ObjectNotFound` if absent and
         :class:`~vmrepo.storage.errors.StorageError` for a range past the end.
         """
+
+    def get_spans(self, key: str, spans: Sequence[Span]) -> Generator[Buffer, None, None]:
+        """The bytes of each ``(offset, length)`` span of the object, in order, read with one
+        request covering them all (the gaps between them read and dropped). Spans ascend
+        and do not overlap. Errors as :meth:`get`; one part-way comes after the spans
+        already given."""
+        if not spans:
+            return
+        start, end = spans_range(spans)
+        data = memoryview(self.get(key, start, end - start))
+        for off, n in spans:
+            yield data[off - start : off - start + n]
 
     @abstractmethod
     def stat(self, key: str) -> ObjectInfo:
@@ -226,6 +248,16 @@ class BackendWrapper(Backend):
 
     def close(self) -> None:
         self.inner.close()
+
+
+def spans_range(spans: Sequence[Span]) -> Span:
+    """The ``(start, end)`` that spans cover; ValueError unless they ascend without overlap."""
+    pos = spans[0][0]
+    for off, n in spans:
+        if off < pos or n < 0:
+            raise ValueError(f"spans must ascend without overlapping: {list(spans)[:4]}...")
+        pos = off + n
+    return spans[0][0], pos
 
 
 def check_range(key: str, total: int, offset: int, length: int | None) -> int:

@@ -9,7 +9,8 @@ although its answer was lost are settled carefully:
 
 * ``create`` that finds the object on a retry compares it with what it
   meant to write: the same bytes mean our own earlier attempt succeeded;
-* ``list`` restarts after a failure and skips the names already yielded.
+* ``list`` restarts after a failure and skips the names already yielded;
+* ``get_spans`` asks again for the spans not yet given.
 """
 
 from __future__ import annotations
@@ -19,10 +20,10 @@ import random
 import threading
 import time
 from collections import Counter
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Generator, Iterator, Sequence
 from typing import TypeVar
 
-from .base import Backend, BackendWrapper, ObjectInfo, Payload, payload_bytes
+from .base import Backend, BackendWrapper, Buffer, ObjectInfo, Payload, Span, payload_bytes
 from .errors import ObjectExists, ObjectNotFound, TransientError
 
 log = logging.getLogger(__name__)
@@ -69,6 +70,19 @@ class RetryingBackend(BackendWrapper):
                 self._backoff(attempt, what, exc)
         raise AssertionError("unreachable")
 
+    def _resumed(self, op: str, what: str, rest: Callable[[], Iterator[T]]) -> Iterator[T]:
+        """What ``rest()`` yields; after a transient failure ``rest()`` is called again (it
+        goes on from what was already yielded) until the attempts run out."""
+        for attempt in range(self.attempts):
+            self._count(op)
+            try:
+                yield from rest()
+                return
+            except TransientError as exc:
+                if attempt + 1 >= self.attempts:
+                    raise
+                self._backoff(attempt, what, exc)
+
     def put(self, key: str, data: Payload) -> None:
         self._call(f"put {key}", lambda: self.inner.put(key, data))
 
@@ -98,23 +112,34 @@ class RetryingBackend(BackendWrapper):
     def get(self, key: str, offset: int = 0, length: int | None = None) -> bytes:
         return self._call(f"get {key}", lambda: self.inner.get(key, offset, length))
 
+    @property
+    def read_window(self) -> int:  # type: ignore[override]
+        return self.inner.read_window
+
+    def get_spans(self, key: str, spans: Sequence[Span]) -> Generator[Buffer, None, None]:
+        done = 0
+
+        def rest() -> Iterator[Buffer]:
+            nonlocal done
+            for piece in self.inner.get_spans(key, spans[done:]):
+                done += 1
+                yield piece
+
+        yield from self._resumed("get", f"get {key}", rest)
+
     def stat(self, key: str) -> ObjectInfo:
         return self._call(f"stat {key}", lambda: self.inner.stat(key))
 
     def list(self, prefix: str = "") -> Iterator[ObjectInfo]:
         seen: set[str] = set()
-        for attempt in range(self.attempts):
-            self._count("list")
-            try:
-                for info in self.inner.list(prefix):
-                    if info.key not in seen:
-                        seen.add(info.key)
-                        yield info
-                return
-            except TransientError as exc:
-                if attempt + 1 >= self.attempts:
-                    raise
-                self._backoff(attempt, f"list {prefix or '/'}", exc)
+
+        def rest() -> Iterator[ObjectInfo]:
+            for info in self.inner.list(prefix):
+                if info.key not in seen:
+                    seen.add(info.key)
+                    yield info
+
+        return self._resumed("list", f"list {prefix or '/'}", rest)
 
     def delete(self, key: str) -> None:
         self._call(f"delete {key}", lambda: self.inner.delete(key))

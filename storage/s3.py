@@ -47,7 +47,7 @@ import secrets
 import threading
 import time
 import zlib
-from collections.abc import Iterator, Mapping
+from collections.abc import Generator, Iterator, Mapping, Sequence
 from datetime import datetime
 from typing import Any
 from urllib.parse import urlsplit
@@ -61,10 +61,13 @@ from botocore.exceptions import (
 
 from .base import (
     Backend,
+    Buffer,
     ObjectInfo,
     Payload,
+    Span,
     check_range,
     payload_parts,
+    spans_range,
     validate_key,
     validate_prefix,
 )
@@ -85,6 +88,8 @@ _UNSUPPORTED = frozenset({"NotImplemented", "InvalidArgument"})
 _BUCKET_RE = re.compile(r"[A-Za-z0-9._-]{1,255}")
 #: Attempts at reaching the bucket when the backend is opened.
 OPEN_ATTEMPTS = 5
+#: The most a ``get_spans`` reads from a response body at once (and so holds).
+READ_WINDOW = 4 << 20
 
 
 def _epoch(when: Any) -> float | None:
@@ -134,6 +139,7 @@ class S3Backend(Backend):
     """Objects in an S3 bucket, under an optional prefix."""
 
     local = False
+    read_window = READ_WINDOW
     option_keys = frozenset({"endpoint", "region", "addressing_style", "profile",
                              "concurrency", "connect_timeout", "read_timeout",
                              "conditional_writes", "checksum"})
@@ -378,6 +384,46 @@ class S3Backend(Backend):
                                "bytes", key=key)
         return data
 
+    def get_spans(self, key: str, spans: Sequence[Span]) -> Generator[Buffer, None, None]:
+        """One ranged GET, its body read in windows of up to :data:`READ_WINDOW` bytes
+        cut at span boundaries (a pack's worth of blobs is never held at once)."""
+        if not spans:
+            return
+        start, end = spans_range(spans)
+        what = f"cannot read {self._where(key)}"
+        try:
+            resp = self._client.get_object(Bucket=self.bucket, Key=self._name(key),
+                                           Range=f"bytes={start}-{end - 1}")
+        except Exception as exc:
+            if isinstance(exc, ClientError) and code_of(exc) == "InvalidRange":
+                check_range(key, self.stat(key).size, start, end - start)
+            raise translate(exc, key, what) from None
+        body = resp["Body"]
+        try:
+            # A store that ignores the range sends the whole object, from 0.
+            pos = start if resp.get("ContentRange") else 0
+            sent = int(resp.get("ContentLength", end - pos))
+            if pos + sent < end:
+                total = str(resp.get("ContentRange", "")).rpartition("/")[2] or str(sent)
+                raise StorageError(f"range {start}+{end - start} outside object {key} of "
+                                   f"{total} bytes", key=key)
+            for window in _windows(spans, self.read_window):
+                w_start = window[0][0]
+                w_end = window[-1][0] + window[-1][1]
+                _skip(body, w_start - pos, key, what)
+                data = memoryview(body.read(w_end - w_start) if w_end > w_start else b"")
+                if len(data) != w_end - w_start:
+                    raise TransientError(f"{what}: body cut short", key=key)
+                pos = w_end
+                for off, n in window:
+                    yield data[off - w_start : off - w_start + n]
+        except StorageError:
+            raise
+        except Exception as exc:
+            raise translate(exc, key, what) from None
+        finally:
+            body.close()
+
     def stat(self, key: str) -> ObjectInfo:
         name = self._name(key)
         try:
@@ -423,6 +469,27 @@ class S3Backend(Backend):
         client = getattr(self, "_client", None)
         if client is not None:
             client.close()
+
+
+def _windows(spans: Sequence[Span], size: int) -> Iterator[Sequence[Span]]:
+    """Consecutive spans grouped so that each group covers at most ``size`` bytes (or one
+    span, if larger)."""
+    i = 0
+    while i < len(spans):
+        j = i + 1
+        while j < len(spans) and spans[j][0] + spans[j][1] - spans[i][0] <= size:
+            j += 1
+        yield spans[i:j]
+        i = j
+
+
+def _skip(body: Any, n: int, key: str, what: str) -> None:
+    """Read and drop ``n`` bytes of a response body."""
+    while n > 0:
+        got = len(body.read(min(n, 1 << 20)))
+        if not got:
+            raise TransientError(f"{what}: body cut short", key=key)
+        n -= got
 
 
 def _opt(opts: Mapping[str, Any], name: str, kind: type[Any]) -> Any:

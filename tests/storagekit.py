@@ -48,6 +48,20 @@ class BackendConformance:
         with pytest.raises(StorageError):
             backend.get("k", 2, 5)
 
+    def test_spans_of_one_object(self, backend: Backend) -> None:
+        data = bytes(range(256)) * 4096  # 1 MiB
+        backend.put("data/sp", data)
+        spans = [(0, 10), (10, 5), (1000, 0), (5000, 70000), ((1 << 20) - 576, 576)]
+        assert [bytes(p) for p in backend.get_spans("data/sp", spans)] == \
+            [data[o:o + n] for o, n in spans]
+        assert list(backend.get_spans("data/sp", [])) == []
+        with pytest.raises(StorageError):
+            list(backend.get_spans("data/sp", [(0, 1), ((1 << 20) - 10, 20)]))
+        with pytest.raises(ObjectNotFound):
+            list(backend.get_spans("data/none", [(0, 1)]))
+        with pytest.raises(ValueError):
+            list(backend.get_spans("data/sp", [(10, 5), (0, 1)]))
+
     def test_missing_object(self, backend: Backend) -> None:
         with pytest.raises(ObjectNotFound):
             backend.get("nope")

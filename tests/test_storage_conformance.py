@@ -199,3 +199,25 @@ def test_retry_restarts_a_broken_listing_without_repeats() -> None:
     b, delays = _retrying(inner)
     keys = [i.key for i in b.list("index/")]
     assert sorted(keys) == [f"index/{i}" for i in range(6)] and len(delays) == 1
+
+
+def test_retry_resumes_broken_spans_at_the_first_one_not_given() -> None:
+    class BreaksMidway(MemoryBackend):
+        asked: list[list[tuple[int, int]]] = []
+
+        def get_spans(self, key, spans):  # type: ignore[no-untyped-def]
+            self.asked.append(list(spans))
+            for n, piece in enumerate(super().get_spans(key, spans)):
+                if n == 2 and len(self.asked) == 1:
+                    raise TransientError("connection reset mid-body")
+                yield piece
+
+    inner = BreaksMidway()
+    data = bytes(range(256)) * 16
+    inner.put("data/p", data)
+    spans = [(0, 10), (20, 30), (100, 1), (200, 300), (4000, 96)]
+    b, delays = _retrying(inner)
+    assert [bytes(p) for p in b.get_spans("data/p", spans)] == [data[o:o + n] for o, n in spans]
+    # Asked again only for what it had not given; one retry, two requests counted.
+    assert inner.asked == [spans, spans[2:]] and len(delays) == 1
+    assert b.requests["get"] == 2
