@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import stat
+import subprocess
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -60,6 +61,28 @@ def test_local_permissions(tmp_path: Path) -> None:
     assert stat.S_IMODE((tmp_path / "store/locks/l").stat().st_mode) == 0o600
     assert stat.S_IMODE((tmp_path / "store/data/aa").stat().st_mode) == 0o700
     assert stat.S_IMODE((tmp_path / "store/data").stat().st_mode) == 0o700
+
+
+def test_local_packs_leave_the_page_cache_once_durable(tmp_path: Path) -> None:
+    """Large objects are dropped from the page cache after their fsync; small ones (read
+    again soon) stay."""
+    fs = subprocess.run(["stat", "-f", "-c", "%T", str(tmp_path)], capture_output=True,
+                        text=True, check=True).stdout.strip()
+    if fs in ("tmpfs", "ramfs"):
+        pytest.skip(f"{tmp_path} is on {fs}, whose pages cannot leave memory")
+    b = LocalBackend(tmp_path / "store", create=True)
+    b.put("data/aa/pack", [os.urandom(3 << 20), os.urandom(1 << 20)])
+    b.put("index/seg", os.urandom(64 << 10))
+
+    def resident(key: str) -> int:
+        out = subprocess.run(["fincore", "--bytes", "--noheadings", "--output", "RES",
+                              str(tmp_path / "store" / key)], capture_output=True, text=True,
+                             check=True).stdout
+        return int(out.split()[0])
+
+    assert resident("data/aa/pack") < (1 << 20)
+    assert resident("index/seg") == 64 << 10
+    assert b.get("data/aa/pack", 1 << 20, 10) and b.size("data/aa/pack") == 4 << 20
 
 
 def test_local_failed_put_keeps_old_object(tmp_path: Path,
