@@ -10,8 +10,9 @@ lets freed buffers be reused. Elsewhere this does nothing.
 from __future__ import annotations
 
 import ctypes
-import ctypes.util
-import functools
+from typing import Any
+
+from . import libc
 
 M_TRIM_THRESHOLD = -1
 M_MMAP_THRESHOLD = -3
@@ -20,18 +21,8 @@ MMAP_THRESHOLD = 32 << 20  # glibc's maximum on 64-bit
 TRIM_THRESHOLD = 256 << 20
 
 
-@functools.cache  # looked up once, however many settings are made
-def _mallopt() -> ctypes._CFuncPtr | None:  # type: ignore[name-defined]
-    name = ctypes.util.find_library("c")
-    if not name:
-        return None
-    try:
-        mallopt = ctypes.CDLL(name).mallopt
-    except (OSError, AttributeError):
-        return None
-    mallopt.argtypes = [ctypes.c_int, ctypes.c_int]
-    mallopt.restype = ctypes.c_int
-    return mallopt
+def _mallopt() -> Any | None:
+    return libc.function("mallopt", [ctypes.c_int, ctypes.c_int])
 
 
 def tune_malloc() -> bool:

@@ -21,7 +21,6 @@ Errors of the output (no space, read-only, permission, quota, I/O) become an
 from __future__ import annotations
 
 import ctypes
-import ctypes.util
 import errno
 import fcntl
 import logging
@@ -35,6 +34,7 @@ from pathlib import Path
 from vmrepo.sources.nbd.client import NbdClient
 from vmrepo.sources.nbd.errors import NbdError
 
+from . import libc
 from .errors import OutputError, RestoreError
 from .logs import ignored
 from .writeback import Writeback
@@ -56,27 +56,15 @@ def output_error(exc: OSError, path: Path, what: str) -> OutputError:
     return OutputError(f"cannot {what} {path}: {reason}", str(path), exc.errno)
 
 
-def _fallocate() -> object | None:
-    name = ctypes.util.find_library("c")
-    if not name:
-        return None
-    try:
-        fn = ctypes.CDLL(name, use_errno=True).fallocate
-    except (OSError, AttributeError):
-        return None
-    fn.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_int64, ctypes.c_int64]
-    fn.restype = ctypes.c_int
-    return fn
-
-
-_FALLOCATE = _fallocate()
+_FALLOCATE = libc.function("fallocate", [ctypes.c_int, ctypes.c_int, ctypes.c_int64,
+                                             ctypes.c_int64])
 
 
 def _punch(fd: int, mode: int, offset: int, length: int) -> bool:
     """``fallocate(fd, mode, ...)``; False where the file or device cannot do it."""
     if _FALLOCATE is None:
         return False
-    return bool(_FALLOCATE(fd, mode, offset, length) == 0)  # type: ignore[operator]
+    return bool(_FALLOCATE(fd, mode, offset, length) == 0)
 
 
 class Target(ABC):

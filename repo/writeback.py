@@ -13,11 +13,12 @@ available, only the final ``fsync`` runs.
 from __future__ import annotations
 
 import ctypes
-import ctypes.util
 import logging
 import os
 import threading
 from collections.abc import Callable
+
+from . import libc
 
 log = logging.getLogger(__name__)
 
@@ -25,15 +26,10 @@ SYNC_FILE_RANGE_WRITE = 2
 
 
 def _sync_file_range() -> Callable[[int], bool] | None:
-    name = ctypes.util.find_library("c")
-    if not name:
+    fn = libc.function("sync_file_range", [ctypes.c_int, ctypes.c_int64, ctypes.c_int64,
+                                           ctypes.c_uint])
+    if fn is None:
         return None
-    try:
-        fn = ctypes.CDLL(name, use_errno=True).sync_file_range
-    except (OSError, AttributeError):
-        return None
-    fn.argtypes = [ctypes.c_int, ctypes.c_int64, ctypes.c_int64, ctypes.c_uint]
-    fn.restype = ctypes.c_int
 
     def start(fd: int) -> bool:
         return bool(fn(fd, 0, 0, SYNC_FILE_RANGE_WRITE) == 0)
