@@ -145,6 +145,11 @@ class _DiskWriter:
         if len(self._batch) >= self._batch_size:
             self._submit()
 
+    def _emit_zeros(self, first: int, end: int) -> None:
+        self.stats.chunks += end - first
+        self.stats.chunks_zero += end - first
+        self.builder.set_zeros(first, end)
+
     def _is_zero(self, data: Piece) -> bool:
         # Comparing a memoryview with bytes goes item by item (70 times slower than bytes
         # with bytes); data that neither starts nor ends with a zero byte is not copied.
@@ -179,7 +184,8 @@ class _DiskWriter:
 
     def run(self) -> DiskRecord:
         started = time.monotonic()
-        asm = ChunkAssembler(self.disk.size, self.repo.config.chunk_size, self._emit)
+        asm = ChunkAssembler(self.disk.size, self.repo.config.chunk_size, self._emit,
+                             self._emit_zeros)
         try:
             for ext in self.disk.extents():
                 asm.add(ext.offset, ext.length, ext.data)

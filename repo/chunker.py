@@ -20,6 +20,8 @@ from .errors import ExtentError
 Piece = Data | memoryview
 #: Called with (chunk_index, bytes or None for all zeros).
 Emit = Callable[[int, Piece | None], None]
+#: Called with (first, end): chunks first to end - 1 are all zeros.
+EmitZeros = Callable[[int, int], None]
 
 
 @dataclass
@@ -66,10 +68,14 @@ class Partial:
 class ChunkAssembler:
     """Places extents by offset and emits each chunk once it is complete."""
 
-    def __init__(self, size: int, chunk_size: int, emit: Emit) -> None:
+    def __init__(self, size: int, chunk_size: int, emit: Emit,
+                 emit_zeros: EmitZeros | None = None) -> None:
         self.size = size
         self.chunk_size = chunk_size
+        self.chunks = (size + chunk_size - 1) // chunk_size
         self.emit = emit
+        #: Takes a run of whole zero chunks at once (else each goes to ``emit``).
+        self.emit_zeros = emit_zeros
         self.partials: dict[int, Partial] = {}
         self.data_bytes = 0
         self.zero_bytes = 0
@@ -81,10 +87,36 @@ class ChunkAssembler:
             raise ExtentError(f"extent {offset}+{length} carries {len(data)} bytes")
         if data is None:
             self.zero_bytes += length
+            if self.emit_zeros is not None:
+                self._add_zeros(offset, length, self.emit_zeros)
+                return
         else:
             self.data_bytes += length
+        self._place(offset, length, None if data is None else memoryview(data))
+
+    def _add_zeros(self, offset: int, length: int, emit_zeros: EmitZeros) -> None:
+        """Zeros: the chunks they cover whole go to ``emit_zeros`` in runs (those with
+        pieces already in hand one by one), the ends like any piece."""
+        cs, end = self.chunk_size, offset + length
+        first = -(-offset // cs)
+        stop = self.chunks if end >= self.size else end // cs
+        if first >= stop:
+            self._place(offset, length, None)
+            return
+        self._place(offset, first * cs - offset, None)
+        run = first
+        for index in sorted(i for i in self.partials if first <= i < stop):
+            if run < index:
+                emit_zeros(run, index)
+            self._place(index * cs, min(cs, self.size - index * cs), None)
+            run = index + 1
+        if run < stop:
+            emit_zeros(run, stop)
+        tail = min(stop * cs, self.size)
+        self._place(tail, end - tail, None)
+
+    def _place(self, offset: int, length: int, view: memoryview | None) -> None:
         cs = self.chunk_size
-        view = None if data is None else memoryview(data)
         pos, end = offset, offset + length
         while pos < end:
             index = pos // cs

@@ -113,6 +113,41 @@ class ManifestBuilder:
 
     def set(self, index: int, chunk_id: bytes) -> None:
         page_no, slot = divmod(index, self.shape.page_entries)
+        page, count = self._page(page_no, index)
+        page[slot * ID_SIZE : (slot + 1) * ID_SIZE] = chunk_id
+        flags = self._set_flags[page_no]
+        if not flags[slot]:
+            flags[slot] = 1
+            self._set_count[page_no] += 1
+            if self._set_count[page_no] == count:
+                self._flush(page_no)
+
+    def set_zeros(self, first: int, end: int) -> None:
+        """Chunks ``first`` to ``end - 1`` are zero chunks (as a ``set`` of each to
+        ``ZERO_ID`` would say, page by page: a hole of a terabyte costs no more than its
+        pages)."""
+        pe = self.shape.page_entries
+        index = first
+        while index < end:
+            page_no, slot = divmod(index, pe)
+            page_first, count = self.shape.page_span(page_no)
+            stop = min(end, page_first + count)
+            n = stop - index
+            if n == count and self._base is None and page_no not in self._pages \
+                    and page_no not in self._done:
+                index = stop  # a page a full pass never touches is stored as zeros at finish
+                continue
+            page, _ = self._page(page_no, index)
+            page[slot * ID_SIZE : (slot + n) * ID_SIZE] = ZERO_ID * n
+            flags = self._set_flags[page_no]
+            self._set_count[page_no] += n - flags.count(1, slot, slot + n)
+            flags[slot : slot + n] = b"\x01" * n
+            if self._set_count[page_no] == count:
+                self._flush(page_no)
+            index = stop
+
+    def _page(self, page_no: int, index: int) -> tuple[bytearray, int]:
+        """Page ``page_no`` being filled (made on first use) and its number of chunks."""
         if page_no in self._done:
             raise ValueError(f"chunk {index} set after its page was stored")
         page = self._pages.get(page_no)
@@ -125,13 +160,7 @@ class ManifestBuilder:
             self._pages[page_no] = page
             self._set_flags[page_no] = bytearray(count)
             self._set_count[page_no] = 0
-        page[slot * ID_SIZE : (slot + 1) * ID_SIZE] = chunk_id
-        flags = self._set_flags[page_no]
-        if not flags[slot]:
-            flags[slot] = 1
-            self._set_count[page_no] += 1
-            if self._set_count[page_no] == count:
-                self._flush(page_no)
+        return page, count
 
     def _flush(self, page_no: int) -> None:
         page = self._pages.pop(page_no)

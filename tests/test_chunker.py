@@ -12,14 +12,20 @@ from vmrepo.errors import ExtentError
 
 
 def assemble(size: int, cs: int, pieces: list[tuple[int, int, bytes | None]],
-             fill: bytes | None = None) -> dict[int, bytes | None]:
+             fill: bytes | None = None, runs: bool = False) -> dict[int, bytes | None]:
+    """The chunks emitted; with ``runs``, whole zero chunks come in runs."""
     out: dict[int, bytes | None] = {}
 
     def emit(i: int, data: bytes | None) -> None:
         assert i not in out, f"chunk {i} emitted twice"
-        out[i] = data
+        out[i] = data if data is None else bytes(data)
 
-    asm = ChunkAssembler(size, cs, emit)
+    def emit_zeros(first: int, end: int) -> None:
+        assert first < end
+        for i in range(first, end):
+            emit(i, None)
+
+    asm = ChunkAssembler(size, cs, emit, emit_zeros if runs else None)
     for off, n, data in pieces:
         asm.add(off, n, data)
     asm.finish((lambda i: fill[i * cs : i * cs + cs]) if fill is not None else None)
@@ -46,14 +52,31 @@ def split_image(draw: st.DrawFn) -> tuple[int, int, bytes, list[tuple[int, int, 
 
 
 @settings(max_examples=300, deadline=None)
-@given(split_image())
-def test_any_order_and_split_gives_the_image(case: tuple[int, int, bytes, list]) -> None:
+@given(split_image(), st.booleans())
+def test_any_order_and_split_gives_the_image(case: tuple[int, int, bytes, list],
+                                             runs: bool) -> None:
     cs, size, image, pieces = case
-    out = assemble(size, cs, pieces)
+    out = assemble(size, cs, pieces, runs=runs)
     assert sorted(out) == list(range((size + cs - 1) // cs))
     for i, data in out.items():
         want = image[i * cs : min(size, (i + 1) * cs)]
         assert (data if data is not None else bytes(len(want))) == want
+
+
+def test_zeros_come_in_runs_and_their_ends_as_pieces() -> None:
+    runs: list[tuple[int, int]] = []
+    got: dict[int, bytes | None] = {}
+    asm = ChunkAssembler(10 * 64 + 10, 64, got.__setitem__,
+                         lambda a, b: runs.append((a, b)))
+    asm.add(0, 10, b"x" * 10)
+    asm.add(10, 64 * 3 - 10 + 5, None)  # chunk 0's rest, 1 and 2 whole, 5 bytes of 3
+    asm.add(64 * 3 + 5, 64 * 7 + 5, None)  # 3's rest, 4-9 whole, the short chunk 10 whole
+    assert runs == [(1, 3), (4, 11)]
+    assert got == {0: b"x" * 10 + bytes(54), 3: None}
+    with pytest.raises(ExtentError, match="overlapping"):
+        asm.add(64 * 5, 64, None)  # chunk 5 again: emitted, so taken as new, is fine ...
+        asm.add(64 * 6 + 1, 2, b"ab")
+        asm.add(64 * 6, 64 * 2, None)  # ... but zeros over a piece in hand are refused
 
 
 def test_whole_zero_chunk_is_emitted_as_none() -> None:

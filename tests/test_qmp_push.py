@@ -436,6 +436,23 @@ def test_byte_count_mismatch_fails_the_disk() -> None:
     assert [e.offset for e in got] == [0]
 
 
+def test_queued_zeroes_join_and_data_keeps_its_place() -> None:
+    from vmrepo.sources.qemu.pushexport import PushExport
+
+    export = PushExport("d0", 8 * MiB)
+    export.write_zeroes(0, MiB)
+    export.write_zeroes(MiB, MiB)  # continues the last one: joined
+    export.pwrite(2 * MiB, b"y" * 4096)
+    export.write_zeroes(3 * MiB, MiB)  # not after the data: its own extent
+    export.write_zeroes(4 * MiB, 2 * MiB)
+    export.write_zeroes(7 * MiB, MiB)  # a gap before it
+    export.end()
+    got = [(e.offset, e.length, e.data is None) for e in export.extents()]
+    assert got == [(0, 2 * MiB, True), (2 * MiB, 4096, False), (3 * MiB, 3 * MiB, True),
+                   (7 * MiB, MiB, True)]
+    assert export.requests == 6 and export.bytes_received == 6 * MiB + 4096
+
+
 def test_device_ids_name_disks(tmp_path: Path) -> None:
     """Disks configured by device id (as libvirt names them) resolve to their qcow2 nodes."""
     machine = QemuVM(tmp_path, {}, extra_args=["-M", "q35", "-S", "-blockdev",

@@ -4,7 +4,9 @@ QEMU's backup job writes the disk into this export (WRITE and
 WRITE_ZEROES, out of order, in pieces). Each request is queued as an
 :class:`~vmrepo.sources.base.Extent` before it is acknowledged, and the
 queue holds at most ``budget`` bytes, so a slow consumer slows QEMU down
-instead of growing memory. The consumer drains :meth:`PushExport.extents`
+instead of growing memory. Zeroes that continue the zeroes queued last join
+them, so a hole sent as a hundred thousand requests reaches the consumer as
+a few extents. The consumer drains :meth:`PushExport.extents`
 until :meth:`end` is called.
 """
 
@@ -46,7 +48,13 @@ class PushExport(Export):
                 self._cond.wait()
             if self._aborted or self._ended:
                 raise ExportError(p.EIO, "backup target is closed")
-            self._queue.append(extent)
+            last = self._queue[-1] if self._queue else None
+            if extent.data is None and isinstance(last, Extent) and last.data is None \
+                    and last.offset + last.length == extent.offset:
+                # QEMU sends a hole as many write-zeroes of 1 MiB: one extent for the run.
+                self._queue[-1] = Extent(last.offset, last.length + extent.length, None)
+            else:
+                self._queue.append(extent)
             self._queued += cost
             self.bytes_received += extent.length
             self.requests += 1
