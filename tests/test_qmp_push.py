@@ -436,21 +436,23 @@ def test_byte_count_mismatch_fails_the_disk() -> None:
     assert [e.offset for e in got] == [0]
 
 
-def test_queued_zeroes_join_and_data_keeps_its_place() -> None:
+def test_waiting_zeroes_join_in_any_order_and_data_keeps_its_order() -> None:
     from vmrepo.sources.qemu.pushexport import PushExport
 
-    export = PushExport("d0", 8 * MiB)
-    export.write_zeroes(0, MiB)
-    export.write_zeroes(MiB, MiB)  # continues the last one: joined
-    export.pwrite(2 * MiB, b"y" * 4096)
-    export.write_zeroes(3 * MiB, MiB)  # not after the data: its own extent
-    export.write_zeroes(4 * MiB, 2 * MiB)
-    export.write_zeroes(7 * MiB, MiB)  # a gap before it
+    export = PushExport("d0", 16 * MiB)
+    export.write_zeroes(MiB, MiB)
+    export.pwrite(8 * MiB, b"a" * 4096)
+    export.write_zeroes(3 * MiB, MiB)
+    export.write_zeroes(0, MiB)  # before the first run: joins it
+    export.pwrite(9 * MiB, b"b" * 4096)
+    export.write_zeroes(4 * MiB, 2 * MiB)  # after the second run: joins it
+    export.write_zeroes(2 * MiB, MiB)  # between the two: all one run now
+    export.write_zeroes(7 * MiB, MiB)  # a gap before it: a run of its own
     export.end()
-    got = [(e.offset, e.length, e.data is None) for e in export.extents()]
-    assert got == [(0, 2 * MiB, True), (2 * MiB, 4096, False), (3 * MiB, 3 * MiB, True),
-                   (7 * MiB, MiB, True)]
-    assert export.requests == 6 and export.bytes_received == 6 * MiB + 4096
+    got = [(e.offset, e.length, e.data) for e in export.extents()]
+    assert got == [(0, 6 * MiB, None), (7 * MiB, MiB, None), (8 * MiB, 4096, b"a" * 4096),
+                   (9 * MiB, 4096, b"b" * 4096)]
+    assert export.requests == 8 and export.bytes_received == 7 * MiB + 8192
 
 
 def test_device_ids_name_disks(tmp_path: Path) -> None:

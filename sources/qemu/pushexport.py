@@ -4,10 +4,12 @@ QEMU's backup job writes the disk into this export (WRITE and
 WRITE_ZEROES, out of order, in pieces). Each request is queued as an
 :class:`~vmrepo.sources.base.Extent` before it is acknowledged, and the
 queue holds at most ``budget`` bytes, so a slow consumer slows QEMU down
-instead of growing memory. Zeroes that continue the zeroes queued last join
-them, so a hole sent as a hundred thousand requests reaches the consumer as
-a few extents. The consumer drains :meth:`PushExport.extents`
-until :meth:`end` is called.
+instead of growing memory. Zeroes cost no memory and are not queued in
+order: they join the runs of zeroes already waiting that they touch (QEMU
+sends a hole as a write-zeroes request per MiB, from many workers at once),
+and the consumer takes every waiting run at once, so a hole sent as a
+hundred thousand requests reaches it as a few extents. The consumer drains
+:meth:`PushExport.extents` until :meth:`end` is called.
 """
 
 from __future__ import annotations
@@ -22,6 +24,8 @@ from ..nbd import protocol as p
 from ..nbd.server import Export, ExportError
 
 _END = object()
+#: Zeroes wake the consumer once this many have come (data and the end wake it at once).
+ZEROES_WAKE = 256 << 20
 
 
 class PushExport(Export):
@@ -36,6 +40,10 @@ class PushExport(Export):
         self.requests = 0
         self._queue: deque[object] = deque()
         self._queued = 0
+        #: Runs of zeroes waiting, by start (their end) and by end (their start).
+        self._zero_runs: dict[int, int] = {}
+        self._zero_ends: dict[int, int] = {}
+        self._zero_bytes = 0  # zeroes put since the consumer was last woken for them
         self._cond = threading.Condition()
         self._error: BaseException | None = None
         self._aborted = False
@@ -48,17 +56,31 @@ class PushExport(Export):
                 self._cond.wait()
             if self._aborted or self._ended:
                 raise ExportError(p.EIO, "backup target is closed")
-            last = self._queue[-1] if self._queue else None
-            if extent.data is None and isinstance(last, Extent) and last.data is None \
-                    and last.offset + last.length == extent.offset:
-                # QEMU sends a hole as many write-zeroes of 1 MiB: one extent for the run.
-                self._queue[-1] = Extent(last.offset, last.length + extent.length, None)
-            else:
-                self._queue.append(extent)
-            self._queued += cost
             self.bytes_received += extent.length
             self.requests += 1
+            if extent.data is None:
+                self._add_zero_run(extent.offset, extent.offset + extent.length)
+                self._zero_bytes += extent.length
+                if self._zero_bytes < ZEROES_WAKE:
+                    return  # the consumer need not wake for every MiB of a hole
+                self._zero_bytes = 0
+            else:
+                self._queue.append(extent)
+                self._queued += cost
             self._cond.notify_all()
+
+    def _add_zero_run(self, start: int, end: int) -> None:
+        """Zeroes from ``start`` to ``end``, joined with the waiting runs they touch."""
+        if start in self._zero_ends:
+            before = self._zero_ends.pop(start)
+            del self._zero_runs[before]
+            start = before
+        if end in self._zero_runs:
+            after = self._zero_runs.pop(end)
+            del self._zero_ends[after]
+            end = after
+        self._zero_runs[start] = end
+        self._zero_ends[end] = start
 
     def pwrite(self, offset: int, data: bytes) -> None:
         self._put(Extent(offset, len(data), data))
@@ -91,14 +113,23 @@ class PushExport(Export):
     def extents(self) -> Iterator[Extent]:
         while True:
             with self._cond:
-                while not self._queue and not self._aborted:
+                while not self._queue and not self._zero_runs and not self._aborted:
                     self._cond.wait()
                 if self._aborted:
                     raise SourceError(f"disk {self.name}: the backup was aborted", self.name)
-                item = self._queue.popleft()
-                if isinstance(item, Extent) and item.data is not None:
-                    self._queued -= item.length
-                self._cond.notify_all()
+                runs = sorted(self._zero_runs.items())
+                self._zero_runs.clear()
+                self._zero_ends.clear()
+                item = None
+                if not runs:
+                    item = self._queue.popleft()
+                    if isinstance(item, Extent) and item.data is not None:
+                        self._queued -= item.length
+                    self._cond.notify_all()
+            for start, end in runs:  # every run queued before the end, so before it
+                yield Extent(start, end - start, None)
+            if item is None:
+                continue
             if item is _END:
                 if self._error is not None:
                     raise self._error
