@@ -34,7 +34,7 @@ from vmrepo.sources.errors import SourceError
 from . import __version__
 from .chunker import ChunkAssembler, Piece
 from .errors import IntegrityError, SnapshotNotFound
-from .format import ID_SIZE, ZERO_ID, BlobType
+from .format import ID_SIZE, BlobType
 from .logs import ignored
 from .manifest import Manifest, ManifestBuilder
 from .repository import Repository
@@ -136,11 +136,10 @@ class _DiskWriter:
         return out
 
     def _emit(self, index: int, data: Piece | None) -> None:
-        self.stats.chunks += 1
         if data is None or self._is_zero(data):
-            self.stats.chunks_zero += 1
-            self.builder.set(index, ZERO_ID)
+            self._emit_zeros(index, index + 1)
             return
+        self.stats.chunks += 1
         self._batch.append((index, data))
         if len(self._batch) >= self._batch_size:
             self._submit()

@@ -95,23 +95,17 @@ class ChunkAssembler:
         self._place(offset, length, None if data is None else memoryview(data))
 
     def _add_zeros(self, offset: int, length: int, emit_zeros: EmitZeros) -> None:
-        """Zeros: the chunks they cover whole go to ``emit_zeros`` in runs (those with
-        pieces already in hand one by one), the ends like any piece."""
+        """Zeros: the chunks they cover whole go to ``emit_zeros`` as one run, the ends
+        like any piece. A chunk in the run with pieces in hand would overlap them: the
+        extent then takes the common path, which says so."""
         cs, end = self.chunk_size, offset + length
         first = -(-offset // cs)
         stop = self.chunks if end >= self.size else end // cs
-        if first >= stop:
+        if first >= stop or any(first <= i < stop for i in self.partials):
             self._place(offset, length, None)
             return
         self._place(offset, first * cs - offset, None)
-        run = first
-        for index in sorted(i for i in self.partials if first <= i < stop):
-            if run < index:
-                emit_zeros(run, index)
-            self._place(index * cs, min(cs, self.size - index * cs), None)
-            run = index + 1
-        if run < stop:
-            emit_zeros(run, stop)
+        emit_zeros(first, stop)
         tail = min(stop * cs, self.size)
         self._place(tail, end - tail, None)
 
