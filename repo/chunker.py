@@ -4,7 +4,10 @@ Pieces that cover a whole chunk are passed on at once without copying (as
 views of the extent's buffer);
 pieces of a chunk are collected in a buffer until the chunk is covered.
 Memory therefore stays bounded by the chunks in progress, which for QEMU's
-push (requests up to 1 MiB, out of order by up to ~64 MiB) is small.
+push (requests up to 1 MiB, out of order by up to ~64 MiB) is small, plus
+one bit per chunk: every chunk is taken once, so an extent that overlaps one
+received before is an error in whichever order they come, never a chunk
+silently holding the older bytes.
 """
 
 from __future__ import annotations
@@ -65,6 +68,39 @@ class Partial:
         return out
 
 
+class ChunkSet:
+    """Chunk indices taken so far, one bit each (a 16 TiB disk of 256 KiB chunks: 8 MiB)."""
+
+    def __init__(self, chunks: int) -> None:
+        self.bits = bytearray((chunks + 7) // 8)
+
+    def take(self, first: int, stop: int) -> bool:
+        """Take chunks ``first`` to ``stop - 1``; False (and nothing taken) if any was."""
+        bits = self.bits
+        lo, hi = -(-first // 8), stop // 8  # the whole bytes inside the range
+        if lo < hi:
+            if bits.count(0, lo, hi) != hi - lo:
+                return False
+            edges = [*range(first, lo * 8), *range(hi * 8, stop)]
+        else:
+            edges = list(range(first, stop))
+        if any(bits[i >> 3] >> (i & 7) & 1 for i in edges):
+            return False
+        if lo < hi:
+            bits[lo:hi] = b"\xff" * (hi - lo)
+        for i in edges:
+            bits[i >> 3] |= 1 << (i & 7)
+        return True
+
+    def take_one(self, index: int) -> bool:
+        """Take one chunk; False if it was taken."""
+        byte, bit = index >> 3, 1 << (index & 7)
+        if self.bits[byte] & bit:
+            return False
+        self.bits[byte] |= bit
+        return True
+
+
 class ChunkAssembler:
     """Places extents by offset and emits each chunk once it is complete."""
 
@@ -77,6 +113,8 @@ class ChunkAssembler:
         #: Takes a run of whole zero chunks at once (else each goes to ``emit``).
         self.emit_zeros = emit_zeros
         self.partials: dict[int, Partial] = {}
+        #: Chunks emitted or in ``partials``: a piece of one not in ``partials`` overlaps.
+        self.taken = ChunkSet(self.chunks)
         self.data_bytes = 0
         self.zero_bytes = 0
 
@@ -104,6 +142,8 @@ class ChunkAssembler:
         if first >= stop or any(first <= i < stop for i in self.partials):
             self._place(offset, length, None)
             return
+        if not self.taken.take(first, stop):
+            raise self._overlap(offset, length)
         self._place(offset, first * cs - offset, None)
         emit_zeros(first, stop)
         tail = min(stop * cs, self.size)
@@ -118,10 +158,12 @@ class ChunkAssembler:
             cend = min(cstart + cs, self.size)
             n = min(end, cend) - pos
             piece = None if view is None else view[pos - offset : pos - offset + n]
-            if pos == cstart and n == cend - cstart and index not in self.partials:
+            part = self.partials.get(index)
+            if part is None and not self.taken.take_one(index):
+                raise self._overlap(offset, length)
+            if part is None and n == cend - cstart:
                 self.emit(index, piece)
             else:
-                part = self.partials.get(index)
                 if part is None:
                     part = self.partials[index] = Partial(cend - cstart)
                 part.add(pos - cstart, pos - cstart + n, piece)
@@ -129,6 +171,10 @@ class ChunkAssembler:
                     del self.partials[index]
                     self.emit(index, None if part.buf is None else bytes(part.buf))
             pos += n
+
+    def _overlap(self, offset: int, length: int) -> ExtentError:
+        return ExtentError(f"overlapping extent {offset}+{length}: the source sent part of "
+                           "it before")
 
     def finish(self, fill: Callable[[int], bytes] | None) -> None:
         """Emit the chunks left incomplete, their gaps taken from ``fill(index)``.

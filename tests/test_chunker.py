@@ -7,7 +7,7 @@ import random
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from vmrepo.chunker import ChunkAssembler
+from vmrepo.chunker import ChunkAssembler, ChunkSet
 from vmrepo.errors import ExtentError
 
 
@@ -74,9 +74,67 @@ def test_zeros_come_in_runs_and_their_ends_as_pieces() -> None:
     assert runs == [(1, 3), (4, 11)]
     assert got == {0: b"x" * 10 + bytes(54), 3: None}
     with pytest.raises(ExtentError, match="overlapping"):
-        asm.add(64 * 5, 64, None)  # chunk 5 again: emitted, so taken as new, is fine ...
-        asm.add(64 * 6 + 1, 2, b"ab")
-        asm.add(64 * 6, 64 * 2, None)  # ... but zeros over a piece in hand are refused
+        asm.add(64 * 5, 64, None)  # chunk 5 again: it was emitted in a run
+
+
+def test_zeros_over_a_piece_in_hand_are_refused() -> None:
+    asm = ChunkAssembler(10 * 64, 64, lambda i, d: None, lambda a, b: None)
+    asm.add(64 * 6 + 1, 2, b"ab")
+    with pytest.raises(ExtentError, match="overlapping"):
+        asm.add(64 * 5, 64 * 3, None)
+
+
+# Extents that overlap one before them, whole chunks emitted at once included: each is
+# refused in either order, never leaving a chunk with the older bytes.
+_OVERLAPS = [
+    ((0, 64, b"a" * 64), (0, 64, None)),  # a data chunk, then zeros over it
+    ((0, 64, b"a" * 64), (0, 64, b"b" * 64)),  # the same chunk twice
+    ((0, 64 * 4, None), (64 * 2, 64 * 4, None)),  # two runs of zeros, partly overlapping
+    ((0, 64 * 4, None), (64, 64 * 2, None)),  # a run inside a run
+    ((64 * 3, 64, b"a" * 64), (0, 64 * 8, None)),  # a run over a data chunk
+    ((10, 64 * 3, None), (64, 5, b"abcde")),  # a piece inside a run's whole chunks
+    ((64 * 7, 64 * 2 + 10, None), (64 * 9, 2, b"ab")),  # the short last chunk
+]
+
+
+@pytest.mark.parametrize("runs", [False, True])
+@pytest.mark.parametrize("first,second", _OVERLAPS + [(b, a) for a, b in _OVERLAPS])
+def test_overlap_with_anything_received_is_refused(first: tuple, second: tuple,
+                                                    runs: bool) -> None:
+    asm = ChunkAssembler(64 * 9 + 10, 64, lambda i, d: None,
+                         (lambda a, b: None) if runs else None)
+    asm.add(*first)
+    with pytest.raises(ExtentError, match="overlapping extent"):
+        asm.add(*second)
+
+
+@settings(max_examples=200, deadline=None)
+@given(split_image(), st.booleans(), st.data())
+def test_any_extent_sent_twice_is_refused(case: tuple[int, int, bytes, list], runs: bool,
+                                          data: st.DataObject) -> None:
+    cs, size, _image, pieces = case
+    pieces = [p for p in pieces if p[1]]
+    again = data.draw(st.sampled_from(pieces))
+    at = data.draw(st.integers(pieces.index(again) + 1, len(pieces)))
+    with pytest.raises(ExtentError, match="overlapping extent"):
+        assemble(size, cs, pieces[:at] + [again] + pieces[at:], runs=runs)
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.integers(1, 200), st.lists(st.tuples(st.integers(0, 199), st.integers(0, 40))))
+def test_chunk_set_takes_each_chunk_once(chunks: int, ranges: list[tuple[int, int]]) -> None:
+    taken = ChunkSet(chunks)
+    model: set[int] = set()
+    for first, n in ranges:
+        first, stop = min(first, chunks), min(first + n, chunks)
+        want = not model & set(range(first, stop))
+        assert taken.take(first, stop) == want
+        if want:
+            model |= set(range(first, stop))
+        one = first % chunks
+        assert taken.take_one(one) == (one not in model)
+        model.add(one)
+    assert all(taken.bits[i >> 3] >> (i & 7) & 1 == (i in model) for i in range(chunks))
 
 
 def test_whole_zero_chunk_is_emitted_as_none() -> None:

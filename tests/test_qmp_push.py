@@ -455,6 +455,62 @@ def test_waiting_zeroes_join_in_any_order_and_data_keeps_its_order() -> None:
     assert export.requests == 8 and export.bytes_received == 7 * MiB + 8192
 
 
+def _assemble(export: Any, size: int) -> None:
+    """Take every extent of ``export`` into a chunk assembler, as a snapshot does."""
+    from vmrepo.chunker import ChunkAssembler
+
+    export.end()
+    asm = ChunkAssembler(size, CHUNK, lambda i, d: None, lambda a, b: None)
+    for e in export.extents():
+        asm.add(e.offset, e.length, e.data)
+    asm.finish(None)
+
+
+@pytest.mark.parametrize("requests", [
+    [("data", 0, CHUNK), ("zero", 0, CHUNK)],  # zeroes after data: taken before it
+    [("zero", 0, 2 * MiB), ("zero", 0, MiB)],  # the same start, shorter
+    [("zero", MiB, MiB), ("zero", 0, 2 * MiB)],  # the same end, longer
+    [("zero", 0, 2 * MiB), ("zero", MiB, 2 * MiB)],  # partly over a waiting run
+    [("zero", 10 * MiB, MiB), ("zero", 10 * MiB, 2 * MiB), ("zero", 8 * MiB, 2 * MiB),
+     ("zero", 11 * MiB, MiB // 2)],  # once left a stale entry, then failed with EIO
+])
+def test_overlapping_requests_fail_the_disk_whatever_their_order(
+        requests: list[tuple[str, int, int]]) -> None:
+    from vmrepo.errors import ExtentError
+    from vmrepo.sources.qemu.pushexport import PushExport
+
+    export = PushExport("d0", 16 * MiB)
+    for kind, offset, length in requests:
+        if kind == "data":
+            export.pwrite(offset, b"a" * length)
+        else:
+            export.write_zeroes(offset, length)
+    assert export.requests == len(requests)
+    with pytest.raises(ExtentError, match="overlapping extent"):
+        _assemble(export, 16 * MiB)
+
+
+def test_overlapping_writes_of_a_real_client_are_refused(tmp_path: Path) -> None:
+    """qemu-io writes a chunk, then zeroes over it: the snapshot must not keep the data."""
+    from vmrepo.errors import ExtentError
+    from vmrepo.sources.nbd.server import NbdServer
+    from vmrepo.sources.qemu.pushexport import PushExport
+
+    export = PushExport("d0", 4 * CHUNK)
+    server = NbdServer(str(tmp_path / "push.sock"), {"d0": export})
+    server.start()
+    try:
+        res = subprocess.run(["qemu-io", "-f", "raw", f"nbd+unix:///d0?socket={server.path}",
+                              "-c", f"write -P 0xaa 0 {CHUNK}", "-c", f"write -z 0 {CHUNK}"],
+                             capture_output=True, text=True, timeout=60)
+        assert res.returncode == 0, res.stdout + res.stderr
+    finally:
+        server.stop()
+    assert export.bytes_received == 2 * CHUNK
+    with pytest.raises(ExtentError, match="overlapping extent 0\\+262144"):
+        _assemble(export, 4 * CHUNK)
+
+
 def test_device_ids_name_disks(tmp_path: Path) -> None:
     """Disks configured by device id (as libvirt names them) resolve to their qcow2 nodes."""
     machine = QemuVM(tmp_path, {}, extra_args=["-M", "q35", "-S", "-blockdev",

@@ -8,8 +8,10 @@ instead of growing memory. Zeroes cost no memory and are not queued in
 order: they join the runs of zeroes already waiting that they touch (QEMU
 sends a hole as a write-zeroes request per MiB, from many workers at once),
 and the consumer takes every waiting run at once, so a hole sent as a
-hundred thousand requests reaches it as a few extents. The consumer drains
-:meth:`PushExport.extents` until :meth:`end` is called.
+hundred thousand requests reaches it as a few extents. Writes that overlap
+each other are not the backup job's (it writes each cluster once): the
+consumer's chunk assembler refuses them, whatever their order. The consumer
+drains :meth:`PushExport.extents` until :meth:`end` is called.
 """
 
 from __future__ import annotations
@@ -58,8 +60,8 @@ class PushExport(Export):
                 raise ExportError(p.EIO, "backup target is closed")
             self.bytes_received += extent.length
             self.requests += 1
-            if extent.data is None:
-                self._add_zero_run(extent.offset, extent.offset + extent.length)
+            if extent.data is None and self._add_zero_run(extent.offset,
+                                                          extent.offset + extent.length):
                 self._zero_bytes += extent.length
                 if self._zero_bytes < ZEROES_WAKE:
                     return  # the consumer need not wake for every MiB of a hole
@@ -69,8 +71,12 @@ class PushExport(Export):
                 self._queued += cost
             self._cond.notify_all()
 
-    def _add_zero_run(self, start: int, end: int) -> None:
-        """Zeroes from ``start`` to ``end``, joined with the waiting runs they touch."""
+    def _add_zero_run(self, start: int, end: int) -> bool:
+        """Zeroes from ``start`` to ``end``, joined with the waiting runs they touch; False
+        (nothing changed) if a waiting run starts or ends where they do: they overlap it,
+        and go to the consumer in order, which reports the overlap."""
+        if start >= end or start in self._zero_runs or end in self._zero_ends:
+            return False
         if start in self._zero_ends:
             before = self._zero_ends.pop(start)
             del self._zero_runs[before]
@@ -81,6 +87,7 @@ class PushExport(Export):
             end = after
         self._zero_runs[start] = end
         self._zero_ends[end] = start
+        return True
 
     def pwrite(self, offset: int, data: bytes) -> None:
         self._put(Extent(offset, len(data), data))
