@@ -188,6 +188,7 @@ class ReadPlanner(Generic[T]):
                                                  for _, loc, _ in req.blobs])
         try:
             for i, (blob_id, loc, tags) in enumerate(req.blobs):
+                stored = None  # a windowed read lets the last window go before the next
                 try:
                     stored = next(pieces, None)
                     if stored is None:

@@ -18,6 +18,7 @@ third of the CPU time (1.5 against 0.5 CPU-seconds per GiB written here).
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import logging
 import os
@@ -146,7 +147,8 @@ class LocalBackend(Backend):
             os.fsync(fd)
             if sum(p.nbytes for p in parts) >= DROP_CACHE_FROM and \
                     hasattr(os, "posix_fadvise"):
-                os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+                with contextlib.suppress(OSError):  # advice only: the object is durable
+                    os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
         except BaseException:
             os.close(fd)
             _unlink_quietly(tmp)

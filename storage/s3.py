@@ -417,6 +417,7 @@ class S3Backend(Backend):
                 pos = w_end
                 for off, n in window:
                     yield data[off - w_start : off - w_start + n]
+                del data  # one window at a time: this one goes before the next is read
         except StorageError:
             raise
         except Exception as exc:

@@ -225,6 +225,42 @@ def test_ranges_of_empty_objects_and_stores_that_ignore_ranges(moto_server: Moto
         b.get("k", 98, 5)
 
 
+def test_windowed_reads_hold_one_window_at_a_time(moto_server: MotoServer,
+                                                s3_bucket: str) -> None:
+    """A pack read in windows: the read planner, like get_spans itself, lets each window go
+    before the next is read, so a read holds one window, not two (nor the pack)."""
+    import random
+    import tracemalloc
+
+    from vmrepo.config import RepoConfig
+    from vmrepo.format import BlobType
+    from vmrepo.planner import ReadPlanner
+    from vmrepo.repository import Repository
+    from vmrepo.storage.s3 import READ_WINDOW
+
+    backend = make_backend(moto_server.endpoint, s3_bucket)
+    repo = Repository.init(backend, RepoConfig.new(chunk_size=256 << 10, pack_size=32 << 20))
+    rnd = random.Random(5)
+    blobs = [rnd.randbytes(256 << 10) for _ in range(6 * READ_WINDOW // (256 << 10))]
+    ids = [repo.hasher.id(b) for b in blobs]
+    session = repo.session()
+    for blob_id, blob in zip(ids, blobs, strict=True):
+        session.add(blob_id, BlobType.CHUNK, blob)
+    session.commit()
+    assert len(repo.index.packs()) == 1
+    got: dict[int, bool] = {}
+    planner: ReadPlanner[int] = ReadPlanner(
+        repo, lambda i, data: got.__setitem__(i, data == blobs[i]), workers=1)
+    tracemalloc.start()
+    try:
+        stats = planner.read((blob_id, i) for i, blob_id in enumerate(ids))
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert got == dict.fromkeys(range(len(blobs)), True) and stats.requests == 1
+    assert peak < 1.5 * READ_WINDOW, f"peak {peak >> 10} KiB, window {READ_WINDOW >> 10} KiB"
+
+
 @pytest.mark.parametrize("url, options, message", [
     ("s3://AKIAUSER:hunter2secret@bucket/p", {}, "takes no user or password"),
     ("http://bucket/p", {}, "not an S3 URL"),
