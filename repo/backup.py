@@ -35,6 +35,7 @@ from . import __version__
 from .chunker import ChunkAssembler, Piece
 from .errors import IntegrityError, SnapshotNotFound
 from .format import ID_SIZE, BlobType
+from .interrupts import held
 from .logs import ignored
 from .manifest import Manifest, ManifestBuilder
 from .repository import Repository
@@ -248,6 +249,7 @@ def take_snapshot(repo: Repository, source: Source, opts: SnapshotOptions) -> Sn
     repo.require_current_format("taking a snapshot")
     repo.only_usable_packs()  # never deduplicate against a missing pack
     session = repo.session(check=opts.check)
+    committed = False
     try:
         disks = source.begin(context)
         if opts.on_begin is not None:
@@ -274,16 +276,23 @@ def take_snapshot(repo: Repository, source: Source, opts: SnapshotOptions) -> Sn
         )
         if like is not None:
             _reproduce(snap, like)
-        save_snapshot(repo.store, snap)
+        with held() as came:  # once the record is written, the source must finish too
+            save_snapshot(repo.store, snap)
+            committed = True
+            try:
+                source.finish(True)
+            except SourceError as exc:
+                # The snapshot is committed; what the source could not tidy up is reported.
+                snap.warnings.append(str(exc))
     except BaseException:
-        session.abort()
-        # Roll the source back; its own failure must not hide the original one.
-        with ignored(log, "rolling the source back", Exception):
-            source.finish(False)
+        if not committed:
+            session.abort()
+            # Roll the source back; its own failure must not hide the original one.
+            with ignored(log, "rolling the source back", Exception):
+                source.finish(False)
         raise
-    try:
-        source.finish(True)
-    except SourceError as exc:
-        # The snapshot is committed; what the source could not tidy up is reported.
-        snap.warnings.append(str(exc))
+    if came:
+        snap.interrupted = came[0]
+        snap.warnings.append(f"{came[0]} came while the snapshot was being committed: it "
+                             "was completed")
     return snap

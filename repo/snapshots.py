@@ -74,6 +74,8 @@ class Snapshot:
     program: str = ""
     #: Problems met after the record was written (not stored).
     warnings: list[str] = field(default_factory=list)
+    #: The signal that came while the record was being committed (not stored).
+    interrupted: str | None = None
 
     @property
     def short_id(self) -> str:

@@ -81,6 +81,8 @@ def _snapshot_all(ctx: Context, tags: tuple[str, ...], mode: str) -> None:
                            "exit_code": code if code is not None else exitcodes.INTERNAL})
             continue
         done.append((snap, time.monotonic() - started))
+        if snap.interrupted:  # held while that VM's snapshot was committed: stop now
+            raise KeyboardInterrupt(snap.interrupted)
     doc = {"snapshots": [snapshot_doc(s, t) for s, t in done], "failed": failed}
 
     def human() -> None:
