@@ -32,6 +32,7 @@ import msgpack
 from vmrepo.storage.errors import StorageError
 
 from . import damage as damage_records
+from . import marks
 from .damage import Damage
 from .errors import IntegrityError
 from .format import INDEX_PREFIX, SNAPSHOT_PREFIX, ZERO_ID, BlobType, pack_key
@@ -113,6 +114,9 @@ class VerifyReport:
     bad_headers: set[bytes] = field(default_factory=set)
     #: Packs a segment should name but none does, and that hold referenced blobs.
     unindexed: set[bytes] = field(default_factory=set)
+    #: Packs no segment names that an unfinished prune condemned: not damage, garbage the
+    #: next prune deletes.
+    condemned: set[bytes] = field(default_factory=set)
 
     @property
     def clean(self) -> bool:
@@ -123,6 +127,7 @@ class VerifyReport:
             "clean": self.clean, "snapshots": self.snapshots, "packs": self.packs,
             "pack_bytes": self.pack_bytes, "blobs": self.blobs,
             "reclaimable_bytes": self.reclaimable_bytes,
+            "condemned_packs": len(self.condemned),
             "findings": [f.as_dict() for f in self.findings],
             "affected": [a.as_dict() for a in self.affected],
             "intact": [s.id for s in self.intact],
@@ -190,7 +195,8 @@ class _Checker:
         ordinals = repo.index.ordinals()
         per_pack, entries_of = self._walk_index(ordinals, existing)
         held = {p: sum(e.length for e in es) for p, es in entries_of.items()}
-        headers = self._headers(existing, sizes, per_pack, entries_of, ordinals)
+        condemned = marks.condemned(marks.load_marks(repo.store))
+        headers = self._headers(existing, sizes, per_pack, entries_of, ordinals, condemned)
         if self.opts.read_data:
             rep.read = self._read_data(existing, headers, entries_of)
         self._manifests(snaps, ordinals)
@@ -236,8 +242,9 @@ class _Checker:
 
     def _headers(self, existing: dict[bytes, int], sizes: dict[bytes, int | None],
                  per_pack: dict[bytes, int], entries_of: dict[bytes, list[BlobEntry]],
-                 ordinals: Ordinals) -> dict[bytes, list[BlobEntry]]:
-        """Each existing pack's header, checked against the index."""
+                 ordinals: Ordinals, condemned: set[bytes]) -> dict[bytes, list[BlobEntry]]:
+        """Each existing pack's header, checked against the index; a pack no segment names
+        is damage unless a prune's mark condemns it."""
         headers: dict[bytes, list[BlobEntry]] = {}
         for pid, size in sorted(existing.items()):
             if self.opts.check is not None:
@@ -256,7 +263,9 @@ class _Checker:
             headers[pid] = header
             if pid not in per_pack:
                 known = sum(1 for e in header if ordinals.of(e.id) is not None)
-                if known < len(header):
+                if pid in condemned:
+                    self.report.condemned.add(pid)  # a prune stopped before deleting it
+                elif known < len(header):
                     self.report.unindexed.add(pid)
                     self.find(key, f"holds {len(header) - known} blobs no index segment names "
                                    "(`vmrepo repair index` indexes it)")

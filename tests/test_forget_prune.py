@@ -245,6 +245,11 @@ def test_a_prune_killed_half_way_loses_nothing_and_the_rerun_finishes(
                             cwd=work, capture_output=True, text=True, timeout=300)
     assert killed.returncode == -9, killed.stderr
     _restores(work, kept)
+    # What the prune condemned but did not delete yet is no damage: verify says so.
+    verified = run_json("verify", cwd=work)
+    assert verified["clean"], verified["findings"]
+    # Once the index no longer names them (the merged segment written), until swept.
+    assert (verified["condemned_packs"] > 0) == (prefix in ("index/", "data/")), verified
     for _ in range(2):  # a leftover mark may need its own run
         run_cli("prune", "--grace", "0", "--max-unused", "100", cwd=work)
     assert _packs(work) == _packs(reference)

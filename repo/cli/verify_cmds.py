@@ -60,6 +60,9 @@ def verify_lines(rep: VerifyReport) -> list[str]:
         then = "after `vmrepo repair`, " if rep.findings else ""
         out.append(f"reclaimable: {human_bytes(rep.reclaimable_bytes)} no snapshot references "
                    f"({then}`vmrepo prune` frees it)")
+    if rep.condemned:
+        out.append(f"waiting for deletion: {len(rep.condemned)} packs an unfinished prune "
+                   "condemned (the next `vmrepo prune` deletes them)")
     out.append("damage found: `vmrepo repair` heals what it can (`--from REPO` fetches lost "
                "blobs from a replica)" if rep.findings else "no damage found")
     return out
