@@ -201,6 +201,11 @@ def test_a_truncated_pack(work: Path, prepared: Any) -> None:
     code, doc = _verify(work)
     assert code == exitcodes.INTEGRITY
     assert _affected(doc) == _expected(work, lost)
+    # Without a replica, repair saves what it can but cannot say the damage is gone.
+    res = run_cli("repair", "--json", cwd=work, check=False)
+    assert res.returncode == exitcodes.INTEGRITY, res.stderr
+    assert json.loads(res.stdout)["still_lost"] == len(lost)
+    assert f"repair left {len(lost)} blobs lost: no usable copy (`--from REPLICA`" in res.stderr
     _repair_from_offsite(work, prepared[1])
 
 

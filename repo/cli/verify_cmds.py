@@ -142,6 +142,9 @@ def repair(ctx: Context, what: str, replica: str | None, read_data: bool) -> Non
             found = verify(r, VerifyOptions(read_data=read_data, check=check))
             rep = repair_data(r, found, src, check)
     ctx.emit(rep.as_dict(), lambda: click.echo("\n".join(repair_lines(what, rep))))
+    if rep.still_lost:
+        raise DamageFound(f"repair left {rep.still_lost} blobs lost: no usable copy"
+                          + ("" if replica else " (`--from REPLICA` fetches them from a copy)"))
 
 
 def repair_lines(what: str, rep: RepairReport) -> list[str]:
