@@ -79,6 +79,45 @@ def work(tmp_path: Path) -> Path:
     return tmp_path
 
 
+def _hold_vm_lock(work: Path, vm: str) -> None:
+    """A live snapshot's lock on ``vm`` (this process holds it, refreshed now)."""
+    import os
+    import socket
+    from datetime import UTC, datetime
+
+    from vmrepo.codec import RecordKind
+    from vmrepo.format import lock_key
+    from vmrepo.locks import LOCK_VERSION, LockInfo, vm_scope
+    from vmrepo.repository import Repository
+    from vmrepo.storage.local import LocalBackend
+
+    repo = Repository.open(LocalBackend(work / "repo"))
+    now = datetime.now(UTC)
+    info = LockInfo(os.urandom(8).hex(), socket.gethostname(), os.getpid(), f"snapshot {vm}",
+                    True, now, now, vm_scope(vm))
+    repo.store.put_record(RecordKind.LOCK, lock_key(info.id), info.fields(LOCK_VERSION))
+
+
+def test_forget_of_locked_vms(work: Path) -> None:
+    """Forget leaves a VM whose snapshot runs as it is: exit 12 when that was all it was
+    asked, 8 when it forgot other VMs' snapshots."""
+    write_sample_image(work / "b.raw", 2 * MiB, seed=72)
+    _snapshots(work, 2)
+    for _ in range(2):
+        run_json("snapshot", "vm2", cwd=work)
+    _hold_vm_lock(work, "vm1")
+    alone = run_cli("forget", "vm1", "--keep-last", "1", cwd=work, check=False)
+    assert alone.returncode == exitcodes.LOCKED, alone.stderr
+    assert "the snapshots of vm1 were left as they are: another operation holds" \
+        in alone.stderr
+    both = run_cli("forget", "--keep-last", "1", "--json", cwd=work, check=False)
+    assert both.returncode == exitcodes.SOME_FAILED, both.stderr
+    doc = json.loads(both.stdout)  # one document
+    assert doc["skipped_vms"] == ["vm1"] and doc["removed"] == 1
+    left = [s["vm"] for s in run_json("snapshots", cwd=work)["snapshots"]]
+    assert sorted(left) == ["vm1", "vm1", "vm2"]
+
+
 # -- policy, and the space really freed ---------------------------------------
 
 

@@ -296,6 +296,7 @@ def forget(ctx: Context, targets: tuple[str, ...], dry_run: bool, then_prune: bo
                                    datetime.now(UTC), allow_empty=keep_none)
 
     the_plan = decide(r.snapshots())
+    planned = {s.vm for s in the_plan.removed}
     busy: list[str] = []
     if not dry_run:
         the_plan, busy = remove_planned(ctx, r, the_plan, decide)
@@ -317,5 +318,10 @@ def forget(ctx: Context, targets: tuple[str, ...], dry_run: bool, then_prune: bo
 
     ctx.emit(doc, human)
     if busy:
-        raise SomeFailed(f"the snapshots of {', '.join(busy)} were left as they are: another "
-                         "operation holds their lock")
+        message = (f"the snapshots of {', '.join(busy)} were left as they are: another "
+                   "operation holds their lock (--retry-lock waits for it)")
+        if planned <= set(busy):  # nothing of what was asked could be done
+            locked = RepositoryLocked(message, busy)
+            locked.emitted = ctx.as_json  # type: ignore[attr-defined]
+            raise locked
+        raise SomeFailed(message)
