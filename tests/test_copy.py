@@ -7,6 +7,7 @@ import signal
 from pathlib import Path
 
 import pytest
+from vmrepo import exitcodes
 
 from .helpers import random_image_vm, run_cli, run_json, signal_when, write_sample_image
 
@@ -77,6 +78,9 @@ def test_copy_of_named_snapshots_only(work: Path) -> None:
     assert rest["snapshots"] == 2 and rest["already_there"] == 1
     # Only the blobs the first copy had not sent.
     assert rest["bytes_sent"] < doc["bytes_sent"]
+    typo = run_cli("copy", "--to", "offsite", "vm9", cwd=work, check=False)
+    assert typo.returncode == exitcodes.NO_SNAPSHOT
+    assert "vm9@... (no snapshot of VM vm9)" in typo.stderr
 
 
 def test_copy_across_parameters_rebuilds_the_snapshots(work: Path) -> None:

@@ -10,6 +10,7 @@ import click
 from .. import forget as forgetting
 from .. import marks
 from ..copy import copy_snapshots
+from ..errors import SnapshotNotFound
 from ..format import pack_key
 from ..immutability import extend_retention
 from ..prune import GRACE
@@ -28,7 +29,10 @@ def select(snaps: list[Snapshot], specs: tuple[str, ...]) -> list[Snapshot]:
     chosen: dict[str, Snapshot] = {}
     for spec in specs:
         if "@" not in spec and VM_NAME_RE.fullmatch(spec):
-            chosen.update((s.id, s) for s in snaps if s.vm == spec)
+            of_vm = [s for s in snaps if s.vm == spec]
+            if not of_vm:
+                raise SnapshotNotFound(f"{spec}@... (no snapshot of VM {spec})")
+            chosen.update((s.id, s) for s in of_vm)
         else:
             s = resolve(parse_spec(spec), snaps)
             chosen[s.id] = s
