@@ -62,6 +62,15 @@ def test_snapshot_restore_roundtrip(setup: Path) -> None:
     assert (out / "disk1.raw").read_bytes() == (setup / "b.raw").read_bytes()
     # Sparse: the restored file allocates no more than the source.
     assert os.stat(out / "disk0.raw").st_blocks <= os.stat(setup / "a.raw").st_blocks + 64
+    # One image already there: refused before any disk is written.
+    again = setup / "again"
+    again.mkdir()
+    (again / "disk1.raw").write_bytes(b"keep")
+    refused = run_cli("restore", "vm1@latest", "-o", str(again), cwd=setup, check=False)
+    assert refused.returncode == exitcodes.RESTORE
+    assert f"{again / 'disk1.raw'} exists (use --force to replace it)" in refused.stderr
+    assert sorted(p.name for p in again.iterdir()) == ["disk1.raw"]
+    assert (again / "disk1.raw").read_bytes() == b"keep"
 
 
 def test_human_output_and_env_repository(setup: Path) -> None:

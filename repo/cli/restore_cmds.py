@@ -9,7 +9,7 @@ import click
 
 from ..errors import RestoreError, RestoreIncomplete
 from ..format import ZERO_ID
-from ..output import output_error
+from ..output import check_new_file, output_error
 from ..progress import progress_bar
 from ..restore import (
     RestoreStats,
@@ -83,6 +83,8 @@ def restore(ctx: Context, spec: str, output: Path, disk: str | None, fmt: str,
             output.mkdir(mode=0o700, parents=True, exist_ok=True)
         except OSError as exc:
             raise output_error(exc, output, "create directory") from None
+        for d in disks:  # every image refused before any is written
+            check_new_file(output / f"{d.name}.{fmt}", force)
     if old is not None and len(disks) > 1 and backing and "{disk}" not in backing:
         raise click.UsageError("several disks: give --disk NAME or a --backing with {disk}")
     started = time.monotonic()
