@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from vmrepo.sources.errors import SourceConfigError, SourceError
 from vmrepo.sources.nbd.errors import NbdError
-from vmrepo.storage.errors import StorageError
+from vmrepo.storage.errors import InvalidLocation, StorageError
 
 from . import errors as e
 
@@ -52,6 +52,7 @@ TABLE: list[tuple[type[BaseException], int]] = [
     (e.IntegrityError, INTEGRITY),
     (SourceError, SOURCE),
     (NbdError, SOURCE),
+    (InvalidLocation, CONFIG),
     (StorageError, STORAGE),
     (e.Interrupted, INTERRUPTED),
     (e.SomeFailed, SOME_FAILED),

@@ -31,6 +31,11 @@ class InvalidKey(StorageError):
     """A key that is not relative, lowercase and of ``[a-z0-9/._-]``."""
 
 
+class InvalidLocation(StorageError):
+    """A repository URL or storage setting that names no usable store: a mistake in the
+    command line or the config, not a failure of the store."""
+
+
 class ObjectNotFound(StorageError):
     """The object does not exist."""
 

@@ -73,6 +73,7 @@ from .base import (
 )
 from .errors import (
     BackendUnavailable,
+    InvalidLocation,
     ObjectExists,
     ObjectNotFound,
     StorageError,
@@ -88,6 +89,8 @@ _UNSUPPORTED = frozenset({"NotImplemented", "InvalidArgument"})
 _BUCKET_RE = re.compile(r"[A-Za-z0-9._-]{1,255}")
 #: Attempts at reaching the bucket when the backend is opened.
 OPEN_ATTEMPTS = 5
+#: What ``addressing_style`` may be (botocore's names).
+ADDRESSING_STYLES = ("auto", "path", "virtual")
 #: The most a ``get_spans`` reads from a response body at once (and so holds).
 READ_WINDOW = 4 << 20
 
@@ -196,14 +199,14 @@ class S3Backend(Backend):
         """Open ``s3://BUCKET/PREFIX`` with the ``[storage]`` settings in ``options``."""
         parts = urlsplit(url)
         if "@" in parts.netloc:  # never echo what may be credentials
-            raise StorageError("an S3 URL takes no user or password (credentials come from "
+            raise InvalidLocation("an S3 URL takes no user or password (credentials come from "
                                "the AWS environment, ~/.aws or a profile)")
         if parts.scheme != "s3" or not parts.netloc or parts.query or parts.fragment:
-            raise StorageError(f"not an S3 URL: {url!r} (expected s3://BUCKET/PREFIX)")
+            raise InvalidLocation(f"not an S3 URL: {url!r} (expected s3://BUCKET/PREFIX)")
         opts = dict(options or {})
         unknown = sorted(set(opts) - cls.option_keys)
         if unknown:
-            raise StorageError(f"[storage] unknown S3 setting {unknown[0]!r}")
+            raise InvalidLocation(f"[storage] unknown S3 setting {unknown[0]!r}")
         return cls(parts.netloc, parts.path, create=create,
                    endpoint=_opt(opts, "endpoint", str), region=_opt(opts, "region", str),
                    addressing_style=_opt(opts, "addressing_style", str),
@@ -502,7 +505,10 @@ def _opt(opts: Mapping[str, Any], name: str, kind: type[Any]) -> Any:
         value = float(value)
     if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
         wanted = {int: "an integer", float: "a number", bool: "true or false"}.get(kind, "text")
-        raise StorageError(f"[storage] {name} must be {wanted}, not {value!r}")
+        raise InvalidLocation(f"[storage] {name} must be {wanted}, not {value!r}")
+    if name == "addressing_style" and value not in ADDRESSING_STYLES:
+        raise InvalidLocation(f"[storage] addressing_style must be one of "
+                              f"{', '.join(ADDRESSING_STYLES)}, not {value!r}")
     if kind in (int, float) and value <= 0:
-        raise StorageError(f"[storage] {name} must be positive, not {value!r}")
+        raise InvalidLocation(f"[storage] {name} must be positive, not {value!r}")
     return value

@@ -34,9 +34,11 @@ from botocore.exceptions import (
     SSLError,
 )
 from botocore.stub import Stubber
+from vmrepo import exitcodes
 from vmrepo.storage.base import Backend, is_valid_key
 from vmrepo.storage.errors import (
     BackendUnavailable,
+    InvalidLocation,
     ObjectExists,
     ObjectNotFound,
     StorageError,
@@ -270,12 +272,20 @@ def test_windowed_reads_hold_one_window_at_a_time(moto_server: MotoServer,
     ("s3://bucket/p", {"concurrency": 0}, "concurrency must be positive"),
     ("s3://bucket/p", {"read_timeout": True}, "read_timeout must be a number"),
     ("s3://bucket/p", {"conditional_writes": "yes"}, "conditional_writes must be true or false"),
-    ("s3://bucket/p", {"addressing_style": "sideways"}, "addressing style sideways is invalid"),
+    ("s3://bucket/p", {"addressing_style": "sideways"},
+     "addressing_style must be one of auto, path, virtual, not 'sideways'"),
 ])
 def test_bad_urls_and_settings(url: str, options: dict[str, object], message: str) -> None:
-    with pytest.raises(StorageError, match=message) as info:
+    with pytest.raises(InvalidLocation, match=message) as info:
         S3Backend.from_url(url, options=options)
     assert "hunter2" not in str(info.value)
+
+
+def test_a_bad_url_is_a_configuration_error(tmp_path: Path) -> None:
+    res = run_cli("-r", "s3:///p", "snapshots", cwd=tmp_path, check=False)
+    assert res.returncode == exitcodes.CONFIG
+    assert res.stderr.strip() == ("vmrepo: error: not an S3 URL: 's3:///p' (expected "
+                                  "s3://BUCKET/PREFIX)")
 
 
 def test_open_backend_finds_the_plugin(moto_server: MotoServer, s3_bucket: str) -> None:
