@@ -97,6 +97,9 @@ def test_snapshot_all_reports_each_vm_and_says_if_any_failed(work: Path) -> None
     assert "vm2: disk disk0: cannot open" in res.stderr
     usage = run_cli("snapshot", cwd=work, check=False)
     assert usage.returncode == exitcodes.USAGE and "--all" in usage.stderr
+    both = run_cli("snapshot", "vm1", "--full", "--differential", cwd=work, check=False)
+    assert both.returncode == exitcodes.USAGE
+    assert "--full and --differential exclude each other" in both.stderr
 
 
 @pytest.mark.parametrize(("spec", "stored_smaller"), [("zstd:19", True), ("none", False)])

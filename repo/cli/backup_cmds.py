@@ -26,14 +26,17 @@ from .app import Context, command
 @click.argument("vm", required=False)
 @click.option("--all", "every", is_flag=True, help="Snapshot every VM of the config.")
 @click.option("--tag", "tags", multiple=True, help="Tag the snapshot (repeatable).")
-@click.option("--full", "mode", flag_value="full", help="Read every disk in full.")
-@click.option("--differential", "mode", flag_value="differential",
+@click.option("--full", is_flag=True, help="Read every disk in full.")
+@click.option("--differential", is_flag=True,
               help="Read everything changed since the last full snapshot.")
 def snapshot(ctx: Context, vm: str | None, every: bool, tags: tuple[str, ...],
-             mode: str | None) -> None:
+             full: bool, differential: bool) -> None:
     """Take a snapshot of the disks of VM (or, with --all, of every VM in the config)."""
     if every == (vm is not None):
         raise click.UsageError("give a VM name or --all")
+    if full and differential:
+        raise click.UsageError("--full and --differential exclude each other")
+    mode = "full" if full else "differential" if differential else None
     if every:
         _snapshot_all(ctx, tags, mode or "auto")
         return
