@@ -78,7 +78,7 @@ def diff(ctx: Context, spec_a: str, spec_b: str) -> None:
             click.echo(f"  {d.name}: {human_bytes(d.changed_bytes)} changed in "
                        f"{len(d.ranges)} ranges")
             for start, end in d.ranges[:20]:
-                click.echo(f"    {start:>14} - {end - 1:<14} ({human_bytes(end - start)})")
+                click.echo(f"    bytes {start}-{end} ({human_bytes(end - start)})")
             if len(d.ranges) > 20:
                 click.echo(f"    ... {len(d.ranges) - 20} more (see --json)")
 
