@@ -46,6 +46,12 @@ def test_diff_names_the_changed_ranges(work: Path) -> None:
     assert f"bytes {5 * CS}-{7 * CS} (" in text and f"bytes {40 * CS}-{41 * CS} (" in text
 
 
+def test_counts_are_said_in_the_singular_for_one() -> None:
+    from vmrepo.units import counted
+
+    assert [counted(n, "range") for n in (0, 1, 2)] == ["0 ranges", "1 range", "2 ranges"]
+
+
 def test_stats_counts_logical_unique_stored_and_what_each_snapshot_holds(work: Path) -> None:
     run_json("snapshot", "vm1", cwd=work)
     run_json("snapshot", "vm1", cwd=work)  # nothing changed

@@ -18,7 +18,7 @@ from ..plugins import make_source
 from ..progress import progress_bar
 from ..repository import Repository
 from ..snapshots import Snapshot
-from ..units import human_bytes, ratio
+from ..units import counted, human_bytes, ratio
 from .app import Context, command
 
 
@@ -150,7 +150,8 @@ def print_snapshot_summary(snap: Snapshot, elapsed: float) -> None:
                    f"{s['chunks']} chunks, {s['chunks_zero']} zero, {s['chunks_new']} new")
         click.echo(f"    added {human_bytes(s['bytes_stored'])} of chunks "
                    f"({human_bytes(s['bytes_new'])} before compression), "
-                   f"{s['pages_new']} manifest pages ({human_bytes(s['bytes_manifest'])})")
+                   f"{counted(s['pages_new'], 'manifest page')} "
+                   f"({human_bytes(s['bytes_manifest'])})")
     click.echo(f"  total: read {human_bytes(read)}, added {human_bytes(added)} "
                f"(ratio {ratio(read, added)}) in {elapsed:.1f} s")
 

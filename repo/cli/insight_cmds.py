@@ -10,7 +10,7 @@ from ..locks import vm_scope
 from ..snapshots import save_snapshot
 from ..spec import label, parse_spec, resolve
 from ..stats import gather
-from ..units import human_bytes, ratio
+from ..units import counted, human_bytes, ratio
 from .app import Context, command
 
 
@@ -76,7 +76,7 @@ def diff(ctx: Context, spec_a: str, spec_b: str) -> None:
                            f"{human_bytes(d.size_b or 0)}")
                 continue
             click.echo(f"  {d.name}: {human_bytes(d.changed_bytes)} changed in "
-                       f"{len(d.ranges)} ranges")
+                       f"{counted(len(d.ranges), 'range')}")
             for start, end in d.ranges[:20]:
                 click.echo(f"    bytes {start}-{end} ({human_bytes(end - start)})")
             if len(d.ranges) > 20:

@@ -6,7 +6,7 @@ import click
 
 from ..errors import IntegrityError
 from ..repair import RepairReport, repair_data, repair_index, repair_snapshots
-from ..units import human_bytes
+from ..units import counted, human_bytes
 from ..verify import VerifyOptions, VerifyReport, verify
 from .app import Context, command, parse_wait
 
@@ -49,7 +49,8 @@ def verify_lines(rep: VerifyReport) -> list[str]:
         shown = ", ".join(f"{s}-{e}" for s, e in a.ranges[:4])
         more = f" and {len(a.ranges) - 4} more" if len(a.ranges) > 4 else ""
         out.append(f"affected: {a.snapshot.vm}@{a.snapshot.short_id} disk {a.disk}: "
-                   f"{human_bytes(a.bytes)} in {len(a.ranges)} ranges (bytes {shown}{more})")
+                   f"{human_bytes(a.bytes)} in {counted(len(a.ranges), 'range')} "
+                   f"(bytes {shown}{more})")
     if rep.findings:
         out.append(f"intact: {len(rep.intact)} snapshots"
                    + (": " + ", ".join(f"{s.vm}@{s.short_id}" for s in rep.intact[:8])
@@ -98,8 +99,9 @@ def verify_cmd(ctx: Context, read_data: bool, subset: str | None, max_duration: 
     ctx.emit(rep.as_dict(), lambda: click.echo("\n".join(verify_lines(rep))))
     if not rep.clean:
         snaps = len({a.snapshot.id for a in rep.affected})
-        raise DamageFound(f"damage found: {len(rep.findings)} problems, {len(rep.affected)} "
-                          f"disks of {snaps} snapshots affected")
+        raise DamageFound(f"damage found: {counted(len(rep.findings), 'problem')}, "
+                          f"{counted(len(rep.affected), 'disk')} of "
+                          f"{counted(snaps, 'snapshot')} affected")
 
 
 def _combined(reports: list[VerifyReport]) -> VerifyReport:
