@@ -36,8 +36,8 @@ class VmrepoError(Exception):
 
 
 class RepositoryNotFound(VmrepoError):
-    def __init__(self, location: str) -> None:
-        super().__init__(f"no repository at {location} (run `vmrepo init` first)")
+    def __init__(self, location: str, hint: str = "run `vmrepo init` first") -> None:
+        super().__init__(f"no repository at {location} ({hint})")
         self.location = location
 
 

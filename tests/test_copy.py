@@ -78,6 +78,10 @@ def test_copy_of_named_snapshots_only(work: Path) -> None:
     assert rest["snapshots"] == 2 and rest["already_there"] == 1
     # Only the blobs the first copy had not sent.
     assert rest["bytes_sent"] < doc["bytes_sent"]
+    remote = run_cli("copy", "--to", "ofsite", cwd=work, check=False)
+    assert remote.returncode == exitcodes.NO_REPOSITORY
+    assert "no repository at ofsite (nor a [remote.ofsite] in the config; its remotes: " \
+        "offsite" in remote.stderr
     typo = run_cli("copy", "--to", "offsite", "vm9", cwd=work, check=False)
     assert typo.returncode == exitcodes.NO_SNAPSHOT
     assert "vm9@... (no snapshot of VM vm9)" in typo.stderr

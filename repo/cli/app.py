@@ -30,7 +30,7 @@ from vmrepo.storage.base import Backend
 from vmrepo.storage.errors import StoragePermission
 
 from .. import __version__, exitcodes, logs
-from ..errors import ConfigError, Interrupted, NoPassphrase, RepositoryLocked
+from ..errors import ConfigError, Interrupted, NoPassphrase, RepositoryLocked, RepositoryNotFound
 from ..keys import passphrase_from_env
 from ..locks import REPOSITORY, RepoLock, acquire
 from ..memtune import limit_malloc_arenas, tune_malloc
@@ -193,7 +193,16 @@ class Context:
         return open_backend(url, create=create, options=options)
 
     def open_repo(self, name_or_url: str | None = None) -> Repository:
-        backend = self.backend_for(name_or_url)
+        try:
+            backend = self.backend_for(name_or_url)
+        except RepositoryNotFound as exc:
+            if name_or_url is None or name_or_url in self.settings.remotes or \
+                    "/" in name_or_url:
+                raise
+            # A bare word: most likely a remote's name mistyped.
+            remotes = ", ".join(sorted(self.settings.remotes)) or "none"
+            raise RepositoryNotFound(exc.location, f"nor a [remote.{name_or_url}] in the "
+                                     f"config; its remotes: {remotes}") from None
         repo = Repository.open(backend, report=self.report,
                                passphrase=lambda: self.passphrase(name_or_url,
                                                                   backend.location))
