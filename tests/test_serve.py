@@ -446,7 +446,7 @@ def test_overlay_writes_zeroes_trims_and_flushes(work: Path, tmp_path: Path) -> 
 # -- stopping, and bad input -------------------------------------------------------------
 
 
-@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT, signal.SIGHUP])
 def test_a_signal_ends_it_cleanly(work: Path, tmp_path: Path, sig: int) -> None:
     sock = tmp_path / "s.sock"
     served = Served(work, "vm1@latest", "--socket", str(sock))

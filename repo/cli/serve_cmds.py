@@ -154,7 +154,7 @@ def _ready(ctx: Context, *, snap_label: str, snap_id: str, vm: str, server: NbdS
         names = ", ".join(f"{i['disk']} ({human_bytes(i['size'])})" for i in items)
         mode = f"writes kept in {overlay}" if overlay is not None else "read-only"
         click.echo(f"serving {snap_label} {mode}: {names} at {server.url('DISK')}; "
-                   "SIGINT or SIGTERM stops it")
+                   "SIGINT, SIGTERM or SIGHUP stops it")
 
     ctx.emit(doc, human)
 
