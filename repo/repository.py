@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
 from vmrepo.storage.base import Backend
@@ -20,11 +20,13 @@ from .errors import (
     NoPassphrase,
     RepositoryExists,
     RepositoryNotFound,
+    SnapshotNotFound,
 )
 from .format import (
     CONFIG_KEY,
     FORMAT_VERSION,
     PACK_PREFIX,
+    SNAPSHOT_PREFIX,
     ZERO_ID,
     Hasher,
     pack_key,
@@ -36,6 +38,7 @@ from .keys import MasterKey
 from .manifest import Manifest, split_page
 from .session import WriteSession
 from .snapshots import Snapshot, load_snapshots
+from .spec import parse_spec, resolve
 from .store import Reporter, RepoStore, log_problem
 
 log = logging.getLogger(__name__)
@@ -292,4 +295,23 @@ class Repository:
         left out."""
         snaps = load_snapshots(self.store)
         return [s for s in snaps if vm is None or s.vm == vm]
+
+    def find_snapshot(self, text: str, snaps: Sequence[Snapshot] | None = None) -> Snapshot:
+        """The snapshot ``VM@WHEN`` names among ``snaps`` (default: every readable one). An
+        id prefix that only a damaged record has is an IntegrityError naming that record,
+        not a snapshot that does not exist."""
+        spec = parse_spec(text)
+        if snaps is None:
+            snaps = self.snapshots()
+        try:
+            return resolve(spec, snaps)
+        except SnapshotNotFound:
+            if spec.kind == "id":
+                for p in self.store.problems:
+                    if p.kind == "damaged" and p.key.startswith(SNAPSHOT_PREFIX + spec.when):
+                        raise IntegrityError(f"{p.key}, the record of {text}, is damaged "
+                                             f"({p.message}): `vmrepo repair snapshots` sets "
+                                             "it aside, a copy may still hold it",
+                                             key=p.key) from None
+            raise
 

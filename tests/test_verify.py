@@ -281,6 +281,13 @@ def test_a_garbage_snapshot_record(work: Path, prepared: Any) -> None:
     assert code == exitcodes.INTEGRITY and doc["affected"] == []
     assert [f["key"] for f in doc["findings"]] == [f"snapshots/{sid}"]
     assert sorted(doc["intact"]) == sorted(s for s in prepared[1] if s != sid)
+    # Named by its id, it is damage (14, the record named), not an unknown snapshot (4).
+    named = run_cli("restore", f"vm1@{sid[:8]}", "-o", str(work / "out"), cwd=work,
+                    check=False)
+    assert named.returncode == exitcodes.INTEGRITY, named.stderr
+    assert f"snapshots/{sid}, the record of vm1@{sid[:8]}, is damaged" in named.stderr
+    unknown = run_cli("show", "vm1@0000ffff", cwd=work, check=False)
+    assert unknown.returncode == exitcodes.NO_SNAPSHOT
     out = run_json("repair", "snapshots", cwd=work)
     assert out["quarantined"] == [f"snapshots/{sid}"]
     assert (work / "repo" / "quarantine" / "snapshots" / sid).exists()

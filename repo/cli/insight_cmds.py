@@ -21,7 +21,7 @@ def stats(ctx: Context, spec: str | None) -> None:
     snapshot (or VM@WHEN) added and what it alone holds."""
     r = ctx.open_repo()
     snaps = r.snapshots()
-    focus = resolve(parse_spec(spec), snaps) if spec else None
+    focus = r.find_snapshot(spec, snaps) if spec else None
     with ctx.lock(r, "stats", read_only=True):
         figs = gather(r, snaps)
     if figs.missing:
@@ -60,7 +60,7 @@ def diff(ctx: Context, spec_a: str, spec_b: str) -> None:
     """Changed byte ranges per disk between two snapshots (A older, B newer)."""
     r = ctx.open_repo()
     snaps = r.snapshots()
-    a, b = resolve(parse_spec(spec_a), snaps), resolve(parse_spec(spec_b), snaps)
+    a, b = r.find_snapshot(spec_a, snaps), r.find_snapshot(spec_b, snaps)
     with ctx.lock(r, "diff", read_only=True):
         disks = diff_snapshots(r, a, b)
     doc = {"a": a.id, "b": b.id, "disks": [d.as_dict() for d in disks]}

@@ -13,7 +13,6 @@ from ..crypto import ALGORITHMS
 from ..locks import list_locks, remove_stale, stale_reason
 from ..repository import Repository
 from ..snapshots import Snapshot
-from ..spec import parse_spec, resolve
 from ..units import human_bytes, parse_size
 from .app import Context, command
 
@@ -142,7 +141,7 @@ def snapshots(ctx: Context, vm: str | None, tags: tuple[str, ...], last: int | N
 def show(ctx: Context, spec: str) -> None:
     """Show one snapshot in detail (VM@WHEN)."""
     r = ctx.open_repo()
-    snap = resolve(parse_spec(spec), r.snapshots())
+    snap = r.find_snapshot(spec)
 
     def human() -> None:
         click.echo(f"snapshot  {snap.id}")

@@ -20,7 +20,7 @@ from ..restore import (
     restore_raw,
 )
 from ..snapshots import DiskRecord
-from ..spec import label, parse_spec, resolve
+from ..spec import label
 from ..units import human_bytes
 from .app import Context, command
 
@@ -62,8 +62,8 @@ def restore(ctx: Context, spec: str, output: Path, disk: str | None, fmt: str,
         raise click.UsageError("--backing goes with --since")
     r = ctx.open_repo()
     all_snaps = r.snapshots()
-    snap = resolve(parse_spec(spec), all_snaps)
-    old = resolve(parse_spec(since), all_snaps) if since else None
+    snap = r.find_snapshot(spec, all_snaps)
+    old = r.find_snapshot(since, all_snaps) if since else None
     if old is not None and old.id == snap.id:
         raise RestoreError(f"--since names the snapshot being restored ({label(snap)}): a "
                            "differential image needs an older snapshot")

@@ -21,7 +21,7 @@ from .. import logs
 from ..errors import LockLost, RestoreError
 from ..memtune import limit_malloc_arenas
 from ..serve import SnapshotExports
-from ..spec import label, parse_spec, resolve
+from ..spec import label
 from ..units import human_bytes, parse_size
 from .app import Context, command
 
@@ -91,7 +91,7 @@ def serve(ctx: Context, spec: str, disks: tuple[str, ...], socket_path: Path | N
     if logs.level_for(ctx.opts.verbose) > logging.DEBUG:  # a line per batch: only with -vv
         logging.getLogger("vmrepo.planner").setLevel(logging.WARNING)
     r = ctx.open_repo()
-    snap = resolve(parse_spec(spec), r.snapshots())
+    snap = r.find_snapshot(spec)
     chosen = list(snap.disks)
     if disks:
         unknown = [d for d in disks if snap.disk(d) is None]
