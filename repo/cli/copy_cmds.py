@@ -14,16 +14,18 @@ from ..errors import SnapshotNotFound
 from ..format import pack_key
 from ..immutability import extend_retention
 from ..prune import GRACE
+from ..repository import Repository
 from ..retention import format_duration
 from ..snapshots import Snapshot
-from ..spec import VM_NAME_RE, parse_spec, resolve
+from ..spec import VM_NAME_RE
 from ..units import human_bytes
 from .app import Context, command
 from .retention_cmds import apply_policy, parse_grace, prune_lines
 
 
-def select(snaps: list[Snapshot], specs: tuple[str, ...]) -> list[Snapshot]:
-    """Every snapshot, or those of the VMs and VM@WHEN specs named."""
+def select(repo: Repository, snaps: list[Snapshot], specs: tuple[str, ...]
+           ) -> list[Snapshot]:
+    """Every snapshot of ``repo`` (``snaps``), or those of the VMs and VM@WHEN specs named."""
     if not specs:
         return snaps
     chosen: dict[str, Snapshot] = {}
@@ -34,7 +36,7 @@ def select(snaps: list[Snapshot], specs: tuple[str, ...]) -> list[Snapshot]:
                 raise SnapshotNotFound(f"{spec}@... (no snapshot of VM {spec})")
             chosen.update((s.id, s) for s in of_vm)
         else:
-            s = resolve(parse_spec(spec), snaps)
+            s = repo.find_snapshot(spec, snaps)
             chosen[s.id] = s
     return sorted(chosen.values(), key=lambda s: (s.time, s.id))
 
@@ -54,7 +56,7 @@ def copy(ctx: Context, specs: tuple[str, ...], to: str, grace: str) -> None:
     src = ctx.open_repo()
     dst = ctx.open_repo(to)
     started = time.monotonic()
-    snaps = select(src.snapshots(), specs)
+    snaps = select(src, src.snapshots(), specs)
     left_out = 0
     if policy is not None:
         # Only what the remote's policy keeps, counting what it holds already: a snapshot it

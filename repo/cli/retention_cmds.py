@@ -17,7 +17,7 @@ from ..prune import GRACE, MAX_UNUSED, PruneOptions, PruneReport, prune
 from ..repository import Repository
 from ..retention import Policy, format_duration
 from ..snapshots import Snapshot
-from ..spec import VM_NAME_RE, parse_spec, resolve
+from ..spec import VM_NAME_RE
 from ..units import human_bytes
 from .app import Context, command, parse_wait
 
@@ -268,7 +268,7 @@ def forget(ctx: Context, targets: tuple[str, ...], dry_run: bool, then_prune: bo
     if named:
         def decide(snaps: list[Snapshot]) -> ForgetPlan:
             return forgetting.chosen(list({s.id: s for s in (
-                resolve(parse_spec(t), snaps) for t in named)}.values()))
+                r.find_snapshot(t, snaps) for t in named)}.values()))
     else:
         known = {s.vm for s in r.snapshots()}
         for vm in vms:
