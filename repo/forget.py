@@ -9,7 +9,7 @@ that base must not be forgotten (and pruned) under it (docs/format.md §13).
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Collection, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, tzinfo
 from typing import Any
@@ -37,6 +37,12 @@ class ForgetPlan:
     @property
     def kept(self) -> list[Snapshot]:
         return [d.snapshot for d in self.decisions if d.keep]
+
+    def without(self, vms: Collection[str]) -> ForgetPlan:
+        """This plan with ``vms`` left out (their lock was held)."""
+        return ForgetPlan([d for d in self.decisions if d.snapshot.vm not in vms],
+                          {vm: p for vm, p in self.policies.items() if vm not in vms},
+                          [vm for vm in self.unmanaged if vm not in vms])
 
     def as_dict(self) -> dict[str, Any]:
         vms: dict[str, Any] = {}

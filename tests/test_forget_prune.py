@@ -110,6 +110,13 @@ def test_forget_of_locked_vms(work: Path) -> None:
     assert alone.returncode == exitcodes.LOCKED, alone.stderr
     assert "the snapshots of vm1 were left as they are: another operation holds" \
         in alone.stderr
+    named = run_cli("forget", "vm1@latest", cwd=work, check=False)  # named, not a policy
+    assert named.returncode == exitcodes.LOCKED, named.stderr
+    vm2_first = run_json("snapshots", "vm2", cwd=work)["snapshots"][0]["id"]
+    some = run_cli("forget", "vm1@latest", f"vm2@{vm2_first[:8]}", cwd=work, check=False)
+    assert some.returncode == exitcodes.SOME_FAILED, some.stderr
+    assert vm2_first not in {s["id"] for s in run_json("snapshots", cwd=work)["snapshots"]}
+    run_json("snapshot", "vm2", cwd=work)
     both = run_cli("forget", "--keep-last", "1", "--json", cwd=work, check=False)
     assert both.returncode == exitcodes.SOME_FAILED, both.stderr
     doc = json.loads(both.stdout)  # one document

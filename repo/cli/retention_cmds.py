@@ -92,7 +92,9 @@ def remove_planned(ctx: Context, repo: Repository, the_plan: ForgetPlan,
         return the_plan, []
     with vm_locks(ctx, repo, vms, "forget") as (held, busy):
         locked = set(vms) - set(busy)
-        final = decide([s for s in repo.snapshots() if s.vm not in busy])
+        # Decided on every snapshot (a named one of a locked VM must still resolve), done
+        # only for the VMs locked here.
+        final = decide(repo.snapshots()).without(busy)
         forgetting.remove(repo.store, [s for s in final.removed if s.vm in locked],
                           check=lambda: check_all(held))
     return final, busy
