@@ -35,7 +35,7 @@ from . import __version__
 from .chunker import ChunkAssembler, Piece
 from .errors import IntegrityError, SnapshotNotFound
 from .format import ID_SIZE, BlobType
-from .interrupts import held
+from .interrupts import came_while_committing, held
 from .logs import ignored
 from .manifest import Manifest, ManifestBuilder
 from .repository import Repository
@@ -88,6 +88,8 @@ class SnapshotOptions:
     #: A snapshot to reproduce (a copy into a repository with other parameters): its id,
     #: time, host, tags and how each disk was taken are kept.
     like: Snapshot | None = None
+    #: Called just before the record is written (the command line holds signals from then).
+    on_commit: Callable[[], None] | None = None
 
 
 def history_for(snapshots: Sequence[Snapshot]) -> dict[str, list[PriorSnapshot]]:
@@ -276,6 +278,8 @@ def take_snapshot(repo: Repository, source: Source, opts: SnapshotOptions) -> Sn
         )
         if like is not None:
             _reproduce(snap, like)
+        if opts.on_commit is not None:
+            opts.on_commit()
         with held() as came:  # once the record is written, the source must finish too
             save_snapshot(repo.store, snap)
             committed = True
@@ -287,12 +291,12 @@ def take_snapshot(repo: Repository, source: Source, opts: SnapshotOptions) -> Sn
     except BaseException:
         if not committed:
             session.abort()
-            # Roll the source back; its own failure must not hide the original one.
-            with ignored(log, "rolling the source back", Exception):
+            # Roll the source back, not cut short by a second Ctrl-C (a third one is obeyed);
+            # its own failure must not hide the original one.
+            with held(), ignored(log, "rolling the source back", Exception):
                 source.finish(False)
         raise
     if came:
         snap.interrupted = came[0]
-        snap.warnings.append(f"{came[0]} came while the snapshot was being committed: it "
-                             "was completed")
+        snap.warnings.append(came_while_committing(came[0]))
     return snap

@@ -20,15 +20,12 @@ from types import FrameType
 SIGNALS = (signal.SIGINT, signal.SIGTERM)
 
 
-@contextmanager
-def held() -> Iterator[list[str]]:
-    """Within the block, SIGINT and SIGTERM are noted, not raised; the list given to the
-    block then holds their names. Outside the main thread (where Python delivers no
-    signal) it holds nothing back."""
-    came: list[str] = []
-    if threading.current_thread() is not threading.main_thread():
-        yield came
-        return
+Handlers = dict[int, object]
+
+
+def _note_into(came: list[str]) -> Handlers:
+    """Make SIGINT and SIGTERM append their names to ``came`` (the second one raises);
+    return the handlers they had."""
 
     def note(signum: int, frame: FrameType | None) -> None:
         name = signal.Signals(signum).name
@@ -36,9 +33,58 @@ def held() -> Iterator[list[str]]:
             raise KeyboardInterrupt(name)
         came.append(name)
 
-    previous = {s: signal.signal(s, note) for s in SIGNALS}
+    return {s: signal.signal(s, note) for s in SIGNALS}
+
+
+def _restore(previous: Handlers) -> None:
+    for s, handler in previous.items():
+        signal.signal(s, handler)  # type: ignore[arg-type]
+
+
+def _main_thread() -> bool:
+    return threading.current_thread() is threading.main_thread()
+
+
+@contextmanager
+def held() -> Iterator[list[str]]:
+    """Within the block, SIGINT and SIGTERM are noted, not raised; the list given to the
+    block then holds their names. Outside the main thread (where Python delivers no
+    signal) it holds nothing back."""
+    came: list[str] = []
+    if not _main_thread():
+        yield came
+        return
+    previous = _note_into(came)
     try:
         yield came
     finally:
-        for s, handler in previous.items():
-            signal.signal(s, handler)
+        _restore(previous)
+
+
+_holding: tuple[list[str], Handlers] | None = None
+
+
+def came_while_committing(name: str) -> str:
+    """What to say of a signal held back while a snapshot was being committed."""
+    return f"{name} came while the snapshot was being committed: it was completed"
+
+
+def hold() -> None:
+    """Hold SIGINT and SIGTERM back from now until :func:`release` (the command line: once
+    a snapshot is committed, its end, lock release and report included, must not be cut
+    short). Blocks of :func:`held` inside note their own signals."""
+    global _holding
+    if _holding is None and _main_thread():
+        came: list[str] = []
+        _holding = (came, _note_into(came))
+
+
+def release() -> list[str]:
+    """Stop holding; the names of the signals held back since :func:`hold`."""
+    global _holding
+    if _holding is None:
+        return []
+    came, previous = _holding
+    _holding = None
+    _restore(previous)
+    return came

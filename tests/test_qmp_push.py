@@ -353,25 +353,31 @@ def test_ctrl_c_mid_backup_leaves_qemu_clean(vm: QemuVM) -> None:
     _after_failure_next_snapshot_is_complete(vm, before)
 
 
-@pytest.mark.parametrize("signame", ["SIGINT", "SIGTERM"])
-def test_signal_as_the_record_is_written_completes_the_snapshot(vm: QemuVM,
-                                                                signame: str) -> None:
-    """Once the record is written, QEMU's jobs must be finished too: a signal then is
-    noted, the snapshot completes (exit 0, said in a warning) and QEMU is left clean."""
+@pytest.mark.parametrize(("signame", "operation", "prefix", "when"), [
+    ("SIGINT", "put", "snapshots/", "after"),  # the record written, QEMU's jobs not done
+    ("SIGTERM", "put", "snapshots/", "after"),
+    ("SIGINT", "delete", "locks/", "before"),  # all done but the lock's release
+])
+def test_signal_as_the_record_is_written_completes_the_snapshot(
+        vm: QemuVM, signame: str, operation: str, prefix: str, when: str) -> None:
+    """Once the record is written, QEMU's jobs must be finished too, and the lock released:
+    a signal then is noted, the snapshot completes (exit 0, said in a warning) and QEMU
+    is left clean."""
     snap(vm)
     before = _records(vm)
     vm.write("disk0", "write -P 5 1M 1M")
     refs = references(vm, f"sig-{signame}")
     killpoint = Path(__file__).parent / "killpoint.py"
     # -P: not the tests' directory first on the path (its qemu.py would hide qemu.qmp)
-    res = subprocess.run([sys.executable, "-P", str(killpoint), "put", "snapshots/", "1",
-                          f"after:{signame}", "--", "snapshot", "vm1"],
+    res = subprocess.run([sys.executable, "-P", str(killpoint), operation, prefix, "1",
+                          f"{when}:{signame}", "--", "snapshot", "vm1"],
                          cwd=vm.workdir, capture_output=True, text=True, timeout=300)
     assert res.returncode == 0, res.stdout + res.stderr
     assert f"{signame} came while the snapshot was being committed: it was completed" \
         in res.stderr
-    assert "Traceback" not in res.stderr
+    assert "Traceback" not in res.stderr and "total: read" in res.stdout  # its report
     assert_clean(vm)
+    assert not list((vm.workdir / "repo" / "locks").iterdir())  # released, not left stale
     [new] = sorted(set(_records(vm)) - set(before))
     assert_restores(vm, new, refs)
     doc = snap(vm)  # the bitmaps moved on: the next snapshot is an incremental on it

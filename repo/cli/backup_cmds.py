@@ -10,7 +10,7 @@ from typing import Any, cast
 import click
 from vmrepo.sources.base import ChangeTracking, DiskStream, Source, Wanted
 
-from .. import exitcodes
+from .. import exitcodes, interrupts
 from ..backup import SnapshotOptions, take_snapshot
 from ..errors import ConfigError, SomeFailed
 from ..locks import vm_scope
@@ -44,10 +44,15 @@ def snapshot(ctx: Context, vm: str | None, every: bool, tags: tuple[str, ...],
     source = make_source(ctx.settings, vm)
     r = ctx.open_repo()
     started = time.monotonic()
-    snap = _take(ctx, r, source, vm, tags, mode or "auto")
-    elapsed = time.monotonic() - started
-    doc = snapshot_doc(snap, elapsed)
-    ctx.emit(doc, lambda: print_snapshot_summary(snap, elapsed))
+    try:  # once committed (signals held from then), the lock's release and report too
+        snap = _take(ctx, r, source, vm, tags, mode or "auto")
+        elapsed = time.monotonic() - started
+        doc = snapshot_doc(snap, elapsed)
+        ctx.emit(doc, lambda: print_snapshot_summary(snap, elapsed))
+    finally:
+        came = interrupts.release()
+    if came:
+        ctx.warn(interrupts.came_while_committing(came[0]))
 
 
 def _take(ctx: Context, r: Repository, source: Source, vm: str, tags: tuple[str, ...],
@@ -75,7 +80,10 @@ def _snapshot_all(ctx: Context, tags: tuple[str, ...], mode: str) -> None:
     for vm in vms:
         started = time.monotonic()
         try:
-            snap = _take(ctx, r, make_source(ctx.settings, vm), vm, tags, mode, f"{vm}: ")
+            try:
+                snap = _take(ctx, r, make_source(ctx.settings, vm), vm, tags, mode, f"{vm}: ")
+            finally:
+                came = interrupts.release()
         except Exception as exc:  # noqa: BLE001 - one VM's failure must not stop the others
             code = exitcodes.exit_code(exc)
             message = str(exc) if code is not None else f"internal error (a bug): {exc!r}"
@@ -84,8 +92,10 @@ def _snapshot_all(ctx: Context, tags: tuple[str, ...], mode: str) -> None:
                            "exit_code": code if code is not None else exitcodes.INTERNAL})
             continue
         done.append((snap, time.monotonic() - started))
-        if snap.interrupted:  # held while that VM's snapshot was committed: stop now
-            raise KeyboardInterrupt(snap.interrupted)
+        if came:
+            ctx.warn(f"{vm}: {interrupts.came_while_committing(came[0])}")
+        if came or snap.interrupted:  # held while that VM's snapshot was committed: stop
+            raise KeyboardInterrupt(came[0] if came else snap.interrupted)
     doc = {"snapshots": [snapshot_doc(s, t) for s, t in done], "failed": failed}
 
     def human() -> None:
@@ -121,7 +131,8 @@ def _snapshot_with_progress(ctx: Context, r: Repository, source: Source, vm: str
                 bar[0](n)
 
         opts = SnapshotOptions(vm=vm, tags=tags, wanted=cast(Wanted, mode),
-                               progress=progress, on_begin=on_begin, check=check)
+                               progress=progress, on_begin=on_begin, check=check,
+                               on_commit=interrupts.hold)
         return take_snapshot(r, source, opts)
 
 
