@@ -39,6 +39,7 @@ from .base import (
 )
 from .errors import (
     BackendUnavailable,
+    InvalidLocation,
     ObjectExists,
     ObjectNotFound,
     StorageError,
@@ -131,6 +132,9 @@ class LocalBackend(Backend):
                  options: Mapping[str, Any] | None = None) -> LocalBackend:
         """Build from ``file:///path`` or a plain path."""
         path = url[len("file://") :] if url.startswith("file://") else url
+        if not path or (url.startswith("file://") and not path.startswith("/")):
+            raise InvalidLocation(f"not a repository location: {url!r} (a path, or "
+                                  "file:///ABSOLUTE/PATH)")
         return cls(path, create=create)
 
     def _path(self, key: str) -> Path:

@@ -272,3 +272,11 @@ def test_the_builtin_plugins_are_the_declared_entry_points() -> None:
         for name in table:
             assert _plugin(group, name) is not None
         assert _plugin(group, "no-such-plugin") is None
+
+
+@pytest.mark.parametrize("url", ["file://", "file://host/x", "s3:///p"])
+def test_a_location_naming_no_store_is_a_configuration_error(tmp_path: Path, url: str) -> None:
+    res = run_cli("-r", url, "init", cwd=tmp_path, check=False)
+    assert res.returncode == exitcodes.CONFIG, res.stderr
+    assert res.stderr.startswith("vmrepo: error: not a") and url in res.stderr
+    assert not list(tmp_path.iterdir())  # nothing made

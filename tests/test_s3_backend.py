@@ -34,7 +34,6 @@ from botocore.exceptions import (
     SSLError,
 )
 from botocore.stub import Stubber
-from vmrepo import exitcodes
 from vmrepo.storage.base import Backend, is_valid_key
 from vmrepo.storage.errors import (
     BackendUnavailable,
@@ -279,13 +278,6 @@ def test_bad_urls_and_settings(url: str, options: dict[str, object], message: st
     with pytest.raises(InvalidLocation, match=message) as info:
         S3Backend.from_url(url, options=options)
     assert "hunter2" not in str(info.value)
-
-
-def test_a_bad_url_is_a_configuration_error(tmp_path: Path) -> None:
-    res = run_cli("-r", "s3:///p", "snapshots", cwd=tmp_path, check=False)
-    assert res.returncode == exitcodes.CONFIG
-    assert res.stderr.strip() == ("vmrepo: error: not an S3 URL: 's3:///p' (expected "
-                                  "s3://BUCKET/PREFIX)")
 
 
 def test_open_backend_finds_the_plugin(moto_server: MotoServer, s3_bucket: str) -> None:
