@@ -87,13 +87,19 @@ class SpecError(VmrepoError):
 
 
 class SnapshotNotFound(VmrepoError):
-    def __init__(self, spec: str, candidates: Sequence[str] = ()) -> None:
-        msg = f"no snapshot matches {spec}"
+    def __init__(self, spec: str, candidates: Sequence[str] = (),
+                 message: str | None = None) -> None:
+        msg = message or f"no snapshot matches {spec}"
         if candidates:
             msg += "; snapshots of this VM: " + ", ".join(candidates)
         super().__init__(msg)
         self.spec = spec
         self.candidates = list(candidates)
+
+    @classmethod
+    def of_vm(cls, vm: str) -> SnapshotNotFound:
+        """A VM named (without @WHEN) that has no snapshot."""
+        return cls(vm, message=f"no snapshot of VM {vm}")
 
 
 class AmbiguousSnapshot(VmrepoError):

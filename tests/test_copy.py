@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import random
 import signal
 from pathlib import Path
@@ -78,13 +79,16 @@ def test_copy_of_named_snapshots_only(work: Path) -> None:
     assert rest["snapshots"] == 2 and rest["already_there"] == 1
     # Only the blobs the first copy had not sent.
     assert rest["bytes_sent"] < doc["bytes_sent"]
-    remote = run_cli("copy", "--to", "ofsite", cwd=work, check=False)
-    assert remote.returncode == exitcodes.NO_REPOSITORY
-    assert "no repository at ofsite (nor a [remote.ofsite] in the config; its remotes: " \
-        "offsite" in remote.stderr
+    for args in (("copy", "--to", "ofsite"), ("-r", "ofsite", "snapshots")):
+        remote = run_cli(*args, cwd=work, check=False)
+        assert remote.returncode == exitcodes.NO_REPOSITORY
+        assert "no repository at ofsite (nor a [remote.ofsite] in the config; its remotes: " \
+            "offsite" in remote.stderr
     typo = run_cli("copy", "--to", "offsite", "vm9", cwd=work, check=False)
     assert typo.returncode == exitcodes.NO_SNAPSHOT
-    assert "vm9@... (no snapshot of VM vm9)" in typo.stderr
+    assert "vmrepo: error: no snapshot of VM vm9\n" in typo.stderr
+    as_json = run_cli("copy", "--to", "offsite", "vm9", "--json", cwd=work, check=False)
+    assert json.loads(as_json.stdout)["error"]["spec"] == "vm9"
 
 
 def test_copy_across_parameters_rebuilds_the_snapshots(work: Path) -> None:

@@ -196,12 +196,12 @@ class Context:
         try:
             backend = self.backend_for(name_or_url)
         except RepositoryNotFound as exc:
-            if name_or_url is None or name_or_url in self.settings.remotes or \
-                    "/" in name_or_url:
+            word = name_or_url if name_or_url is not None else self.repo_url()
+            if word in self.settings.remotes or "/" in word or not self.settings.remotes:
                 raise
             # A bare word: most likely a remote's name mistyped.
-            remotes = ", ".join(sorted(self.settings.remotes)) or "none"
-            raise RepositoryNotFound(exc.location, f"nor a [remote.{name_or_url}] in the "
+            remotes = ", ".join(sorted(self.settings.remotes))
+            raise RepositoryNotFound(exc.location, f"nor a [remote.{word}] in the "
                                      f"config; its remotes: {remotes}") from None
         repo = Repository.open(backend, report=self.report,
                                passphrase=lambda: self.passphrase(name_or_url,

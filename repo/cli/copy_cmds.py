@@ -33,7 +33,7 @@ def select(repo: Repository, snaps: list[Snapshot], specs: tuple[str, ...]
         if "@" not in spec and VM_NAME_RE.fullmatch(spec):
             of_vm = [s for s in snaps if s.vm == spec]
             if not of_vm:
-                raise SnapshotNotFound(f"{spec}@... (no snapshot of VM {spec})")
+                raise SnapshotNotFound.of_vm(spec)
             chosen.update((s.id, s) for s in of_vm)
         else:
             s = repo.find_snapshot(spec, snaps)

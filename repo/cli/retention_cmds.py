@@ -275,7 +275,7 @@ def forget(ctx: Context, targets: tuple[str, ...], dry_run: bool, then_prune: bo
         known = {s.vm for s in r.snapshots()}
         for vm in vms:
             if vm not in known:
-                raise SnapshotNotFound(f"{vm}@... (no snapshot of VM {vm})")
+                raise SnapshotNotFound.of_vm(vm)
         in_scope = set(vms) if vms else known
         configured = settings.keep is not None or any(settings.policy(vm) for vm in in_scope)
         if cli_policy is not None:
