@@ -280,6 +280,9 @@ def check_new_file(path: Path, force: bool, st: os.stat_result | None = None) ->
             st = os.stat(path)
         except FileNotFoundError:
             st = None
+            if os.path.lexists(path) and not force:  # a link to nothing: still something
+                raise RestoreError(f"{path} exists, a link to nothing (use --force to "
+                                   "replace it)", str(path)) from None
         except OSError as exc:
             raise output_error(exc, path, "examine") from None
     if st is not None:

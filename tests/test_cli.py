@@ -71,6 +71,11 @@ def test_snapshot_restore_roundtrip(setup: Path) -> None:
     assert f"{again / 'disk1.raw'} exists (use --force to replace it)" in refused.stderr
     assert sorted(p.name for p in again.iterdir()) == ["disk1.raw"]
     assert (again / "disk1.raw").read_bytes() == b"keep"
+    (again / "disk1.raw").unlink()
+    (again / "disk1.raw").symlink_to(again / "nowhere")  # a link to nothing is refused too
+    dangling = run_cli("restore", "vm1@latest", "-o", str(again), cwd=setup, check=False)
+    assert dangling.returncode == exitcodes.RESTORE and "a link to nothing" in dangling.stderr
+    assert (again / "disk1.raw").is_symlink()
 
 
 def test_human_output_and_env_repository(setup: Path) -> None:
@@ -255,6 +260,22 @@ def test_help_lists_every_command_and_a_command_loads_only_its_module(tmp_path: 
     loaded = res.stdout.strip().splitlines()[-1]
     assert "vmrepo.cli.repository_cmds" in loaded
     assert "restore_cmds" not in loaded and "serve_cmds" not in loaded, loaded
+
+
+def test_ctrl_c_while_the_program_loads_is_one_line(tmp_path: Path) -> None:
+    """A Ctrl-C that lands while the modules are still imported (made certain here by an
+    import that raises it) ends with the usual line and exit code, not a traceback."""
+    probe = ("import builtins\nreal = builtins.__import__\n"
+             "def imp(name, *a, **k):\n"
+             "    if name == 'app' or name.endswith('cli.app'):\n"
+             "        raise KeyboardInterrupt\n"
+             "    return real(name, *a, **k)\n"
+             "builtins.__import__ = imp\n"
+             "from vmrepo.cli import main\nmain(['snapshots'])\n")
+    res = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True,
+                         cwd=tmp_path)
+    assert res.returncode == exitcodes.INTERRUPTED
+    assert res.stderr == "vmrepo: error: interrupted by SIGINT\n"
 
 
 def test_the_builtin_plugins_are_the_declared_entry_points() -> None:

@@ -16,6 +16,30 @@
 A command's module is imported when the command runs (``app.COMMANDS``).
 """
 
-from .app import cli, main
+from __future__ import annotations
+
+import sys
+from typing import Any, NoReturn
+
+from ..exitcodes import INTERRUPTED
+
+
+def main(argv: list[str] | None = None) -> NoReturn:
+    """Entry point (``app.main``); a Ctrl-C while the program still loads is the same one
+    line and exit code as later, not a traceback."""
+    try:
+        from .app import main as run
+    except KeyboardInterrupt:
+        sys.stderr.write("vmrepo: error: interrupted by SIGINT\n")
+        sys.exit(INTERRUPTED)
+    run(argv)
+
+
+def __getattr__(name: str) -> Any:
+    if name == "cli":
+        from .app import cli
+        return cli
+    raise AttributeError(name)
+
 
 __all__ = ["cli", "main"]
