@@ -390,3 +390,12 @@ def test_verify_errors_are_one_line(tmp_path: Path) -> None:
                           "8/7"], capture_output=True, text=True)
     assert res.returncode == exitcodes.USAGE and "K/M" in res.stderr
 
+
+
+def test_repair_says_it_dropped_packs_even_when_nothing_else_changed() -> None:
+    from vmrepo.cli.verify_cmds import repair_lines
+    from vmrepo.repair import RepairReport
+
+    assert repair_lines("data", RepairReport(packs_dropped=1)) == \
+        ["dropped 1 pack from the index (missing or damaged)"]
+    assert repair_lines("data", RepairReport()) == ["nothing to repair"]

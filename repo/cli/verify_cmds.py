@@ -160,6 +160,9 @@ def repair_lines(what: str, rep: RepairReport) -> list[str]:
         out.append(f"rewrote {rep.blobs_rewritten} blobs of {rep.packs_rewritten} damaged packs"
                    f", fetched {rep.blobs_from_replica} from the replica, dropped "
                    f"{rep.packs_dropped} packs")
+    elif rep.packs_dropped:
+        out.append(f"dropped {counted(rep.packs_dropped, 'pack')} from the index (missing or "
+                   "damaged)")
     if rep.still_lost:
         out.append(f"{rep.still_lost} blobs are lost (no usable copy"
                    f"{'' if rep.blobs_from_replica else '; try --from REPLICA'})")
