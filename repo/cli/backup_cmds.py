@@ -143,6 +143,7 @@ def snapshot_doc(snap: Snapshot, elapsed: float) -> dict[str, Any]:
                         "chunks_new", "chunks_zero", "pages_new", "bytes_manifest")}
     totals["seconds"] = round(elapsed, 3)
     doc["totals"] = totals
+    doc["warnings"] = list(snap.warnings)  # also on stderr
     return doc
 
 
