@@ -51,17 +51,19 @@ RETRY_KEYS = frozenset({"retries", "retry_max_delay"})
 
 
 def open_backend(url: str, create: bool = False,
-                 options: Mapping[str, Any] | None = None) -> Backend:
+                 options: Mapping[str, Any] | None = None, table: str = "[storage]"
+                 ) -> Backend:
     """The backend for a repository URL (``/path``, ``file:///path``, ``s3://...``,
     ``memory://``), wrapped so that transient failures are retried (``retries`` attempts
-    in all, default 8, backing off up to ``retry_max_delay`` seconds, default 10)."""
+    in all, default 8, backing off up to ``retry_max_delay`` seconds, default 10).
+    ``table`` names where ``options`` come from, for messages."""
     scheme = url.split("://", 1)[0] if "://" in url else "file"
     cls: type[Backend] | None = _plugin("vmrepo.storage", scheme)
     if cls is None:
         raise ConfigError(f"no storage backend for {scheme}:// (have: "
                           f"{', '.join(_names('vmrepo.storage'))})")
     options = dict(options or {})
-    check_keys(options, cls.option_keys | RETRY_KEYS, f"[storage] for {scheme}://", None)
+    check_keys(options, cls.option_keys | RETRY_KEYS, f"{table} for {scheme}://", None)
     retry = {k: options.pop(k) for k in RETRY_KEYS if k in options}
     try:
         attempts = int(retry.get("retries", 8))
@@ -69,7 +71,7 @@ def open_backend(url: str, create: bool = False,
         if attempts < 1 or max_delay < 0:
             raise ValueError
     except (TypeError, ValueError):
-        raise ConfigError("[storage]: retries must be a positive number of attempts and "
+        raise ConfigError(f"{table}: retries must be a positive number of attempts and "
                           "retry_max_delay a number of seconds") from None
     try:
         return RetryingBackend(cls.from_url(url, create=create, options=options),

@@ -47,6 +47,12 @@ def _unknown_top_key(work: Path) -> list[str]:
     return ["snapshots", "--config", str(work / "top.toml")]
 
 
+def _remote_key_typo(work: Path) -> list[str]:
+    (work / "remote.toml").write_text('repository = "repo"\n[remote.off]\n'
+                                      'repository = "off"\nretres = 2\n')
+    return ["copy", "--to", "off", "--config", str(work / "remote.toml")]
+
+
 def _socket_disk(work: Path) -> list[str]:
     s = socket.socket(socket.AF_UNIX)
     s.bind(str(work / "s.sock"))
@@ -79,6 +85,8 @@ CASES: list[tuple[str, Case, int, str]] = [
     ("non-UTF-8 config", _bad_config, exitcodes.CONFIG, "is not UTF-8 text"),
     ("unknown top-level key", _unknown_top_key, exitcodes.CONFIG,
      "unknown key 'repositry'; did you mean 'repository'?"),
+    ("misspelt key of a remote", _remote_key_typo, exitcodes.CONFIG,
+     "[remote.off] for file://: unknown key 'retres'; did you mean 'retries'?"),
     ("disk for disks", lambda w: ["snapshot", "typo"], exitcodes.CONFIG,
      "[vm.typo]: unknown key 'disk'; did you mean 'disks'?"),
     ("unknown vm key", lambda w: ["snapshot", "extra"], exitcodes.CONFIG,

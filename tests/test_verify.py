@@ -286,6 +286,8 @@ def test_a_garbage_snapshot_record(work: Path, prepared: Any) -> None:
                     check=False)
     assert named.returncode == exitcodes.INTEGRITY, named.stderr
     assert f"snapshots/{sid}, the record of vm1@{sid[:8]}, is damaged" in named.stderr
+    tagged = run_cli("tag", f"vm1@{sid[:8]}", "--add", "x", cwd=work, check=False)
+    assert tagged.returncode == exitcodes.INTEGRITY, tagged.stderr
     unknown = run_cli("show", "vm1@0000ffff", cwd=work, check=False)
     assert unknown.returncode == exitcodes.NO_SNAPSHOT
     out = run_json("repair", "snapshots", cwd=work)

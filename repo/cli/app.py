@@ -190,7 +190,8 @@ class Context:
         url, options = self.settings.location(target)
         if name_or_url is None and target not in self.settings.remotes:
             options = self.settings.storage
-        return open_backend(url, create=create, options=options)
+        table = f"[remote.{target}]" if target in self.settings.remotes else "[storage]"
+        return open_backend(url, create=create, options=options, table=table)
 
     def open_repo(self, name_or_url: str | None = None) -> Repository:
         try:

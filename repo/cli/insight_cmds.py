@@ -8,7 +8,7 @@ from ..diff import diff as diff_snapshots
 from ..errors import SpecError
 from ..locks import vm_scope
 from ..snapshots import save_snapshot
-from ..spec import label, parse_spec, resolve
+from ..spec import label, parse_spec
 from ..stats import gather
 from ..units import counted, human_bytes, ratio
 from .app import Context, command
@@ -102,7 +102,7 @@ def tag(ctx: Context, spec: str, add: tuple[str, ...], remove: tuple[str, ...]) 
     # The VM's lock, as forget takes it, before the spec is resolved: a record rewritten
     # after a forget deleted it would bring back a snapshot a prune may already have taken.
     with ctx.lock(r, f"tag {wanted.vm}", scope=vm_scope(wanted.vm), exclusive=True):
-        snap = resolve(wanted, r.snapshots())
+        snap = r.find_snapshot(spec)
         before = list(snap.tags)
         snap.tags = [t for t in before if t not in remove] + \
             [t for t in dict.fromkeys(add) if t not in before]
