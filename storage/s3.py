@@ -199,17 +199,21 @@ class S3Backend(Backend):
         """Open ``s3://BUCKET/PREFIX`` with the ``[storage]`` settings in ``options``."""
         parts = urlsplit(url)
         if "@" in parts.netloc:  # never echo what may be credentials
-            raise InvalidLocation("an S3 URL takes no user or password (credentials come from "
-                               "the AWS environment, ~/.aws or a profile)")
+            raise InvalidLocation("an S3 URL takes no user or password (credentials come "
+                                  "from the AWS environment, ~/.aws or a profile)")
         if parts.scheme != "s3" or not parts.netloc or parts.query or parts.fragment:
             raise InvalidLocation(f"not an S3 URL: {url!r} (expected s3://BUCKET/PREFIX)")
         opts = dict(options or {})
         unknown = sorted(set(opts) - cls.option_keys)
         if unknown:
             raise InvalidLocation(f"[storage] unknown S3 setting {unknown[0]!r}")
+        style = _opt(opts, "addressing_style", str)
+        if style is not None and style not in ADDRESSING_STYLES:
+            raise InvalidLocation(f"[storage] addressing_style must be one of "
+                                  f"{', '.join(ADDRESSING_STYLES)}, not {style!r}")
         return cls(parts.netloc, parts.path, create=create,
                    endpoint=_opt(opts, "endpoint", str), region=_opt(opts, "region", str),
-                   addressing_style=_opt(opts, "addressing_style", str),
+                   addressing_style=style,
                    profile=_opt(opts, "profile", str),
                    concurrency=_opt(opts, "concurrency", int) or 16,
                    connect_timeout=_opt(opts, "connect_timeout", float) or 10.0,
@@ -506,9 +510,6 @@ def _opt(opts: Mapping[str, Any], name: str, kind: type[Any]) -> Any:
     if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
         wanted = {int: "an integer", float: "a number", bool: "true or false"}.get(kind, "text")
         raise InvalidLocation(f"[storage] {name} must be {wanted}, not {value!r}")
-    if name == "addressing_style" and value not in ADDRESSING_STYLES:
-        raise InvalidLocation(f"[storage] addressing_style must be one of "
-                              f"{', '.join(ADDRESSING_STYLES)}, not {value!r}")
     if kind in (int, float) and value <= 0:
         raise InvalidLocation(f"[storage] {name} must be positive, not {value!r}")
     return value
