@@ -15,6 +15,12 @@ from typing import Any
 from vmrepo.sources.base import BackupContext, DiskStream, Extent, Mode, Source
 
 
+def killpoint(*args: str) -> list[str]:
+    """The command running ``tests/killpoint.py`` with ``args`` (see its docstring); ``-P``
+    keeps the tests' directory off the path (its qemu.py would hide qemu.qmp)."""
+    return [sys.executable, "-P", str(Path(__file__).parent / "killpoint.py"), *args]
+
+
 def vmrepo_bin() -> str:
     """The installed ``vmrepo`` console script of this interpreter's environment."""
     candidate = Path(sys.executable).parent / "vmrepo"

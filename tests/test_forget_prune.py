@@ -8,7 +8,6 @@ import json
 import random
 import shutil
 import subprocess
-import sys
 import threading
 import time
 from collections.abc import Iterator
@@ -19,11 +18,10 @@ import boto3
 import pytest
 from vmrepo import exitcodes
 
-from .helpers import run_cli, run_json, vmrepo_bin, write_sample_image
+from .helpers import killpoint, run_cli, run_json, vmrepo_bin, write_sample_image
 from .s3server import moto_server, s3_bucket, s3_url  # noqa: F401 - fixtures
 
 MiB = 1 << 20
-KILLPOINT = Path(__file__).parent / "killpoint.py"
 
 
 def _config(work: Path, repository: str, extra: str = "", top: str = "",
@@ -286,8 +284,8 @@ def test_a_prune_killed_half_way_loses_nothing_and_the_rerun_finishes(
     work = _copy_of(src, tmp_path / "killed")
     for name in ("a.raw",):
         shutil.copy(src / name, work)
-    killed = subprocess.run([sys.executable, str(KILLPOINT), operation, prefix, str(nth), when,
-                             "--", "prune", "--grace", "0", "--max-unused", "100"],
+    killed = subprocess.run(killpoint(operation, prefix, str(nth), when,
+                                      "--", "prune", "--grace", "0", "--max-unused", "100"),
                             cwd=work, capture_output=True, text=True, timeout=300)
     assert killed.returncode == -9, killed.stderr
     _restores(work, kept)
@@ -307,8 +305,8 @@ def test_a_repack_killed_half_way(forgotten_repo: tuple[Path, list[Any]],
                                   tmp_path: Path) -> None:
     src, kept = forgotten_repo
     work = _copy_of(src, tmp_path / "killed")
-    killed = subprocess.run([sys.executable, str(KILLPOINT), "put", "data/", "1", "after",
-                             "--", "prune", "--grace", "0", "--max-unused", "0"],
+    killed = subprocess.run(killpoint("put", "data/", "1", "after",
+                                      "--", "prune", "--grace", "0", "--max-unused", "0"),
                             cwd=work, capture_output=True, text=True, timeout=300)
     assert killed.returncode == -9, killed.stderr
     _restores(work, kept)

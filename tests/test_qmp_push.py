@@ -7,7 +7,6 @@ import os
 import random
 import signal
 import subprocess
-import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -24,7 +23,7 @@ from vmrepo.storage.base import Backend, BackendWrapper, Payload
 from vmrepo.storage.faulty import FaultyBackend
 from vmrepo.storage.local import LocalBackend
 
-from .helpers import run_cli, run_json, vmrepo_bin
+from .helpers import killpoint, run_cli, run_json, vmrepo_bin
 from .qemu import QemuVM
 
 MiB = 1 << 20
@@ -367,10 +366,8 @@ def test_signal_as_the_record_is_written_completes_the_snapshot(
     before = _records(vm)
     vm.write("disk0", "write -P 5 1M 1M")
     refs = references(vm, f"sig-{signame}")
-    killpoint = Path(__file__).parent / "killpoint.py"
-    # -P: not the tests' directory first on the path (its qemu.py would hide qemu.qmp)
-    res = subprocess.run([sys.executable, "-P", str(killpoint), operation, prefix, "1",
-                          f"{when}:{signame}", "--", "snapshot", "vm1", "--json"],
+    res = subprocess.run(killpoint(operation, prefix, "1", f"{when}:{signame}", "--",
+                                   "snapshot", "vm1", "--json"),
                          cwd=vm.workdir, capture_output=True, text=True, timeout=300)
     assert res.returncode == 0, res.stdout + res.stderr
     assert f"{signame} came while the snapshot was being committed: it was completed" \
