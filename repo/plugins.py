@@ -9,7 +9,7 @@ from typing import Any, Protocol
 from vmrepo.sources.base import Source
 from vmrepo.sources.errors import SourceConfigError
 from vmrepo.storage.base import Backend
-from vmrepo.storage.errors import ObjectNotFound
+from vmrepo.storage.errors import InvalidSetting, ObjectNotFound
 from vmrepo.storage.retry import RetryingBackend
 
 from .errors import ConfigError, RepositoryNotFound
@@ -78,6 +78,8 @@ def open_backend(url: str, create: bool = False,
                                attempts=attempts, max_delay=max_delay)
     except ObjectNotFound:
         raise RepositoryNotFound(url) from None
+    except InvalidSetting as exc:
+        raise InvalidSetting(f"{table} {exc}", exc.setting) from None
 
 
 class SourceFactory(Protocol):

@@ -4,6 +4,8 @@
 
     StorageError
      ├── InvalidKey          a key outside the allowed alphabet or shape
+ ├── InvalidLocation     a URL or storage setting that names no usable store
+ │    └── InvalidSetting a storage setting's value is unusable (names the setting)
      ├── ObjectNotFound      get/stat/delete of a key that does not exist
      ├── ObjectExists        create of a key that exists
      ├── StoragePermission   the backend refused access (permissions, read-only medium)
@@ -34,6 +36,15 @@ class InvalidKey(StorageError):
 class InvalidLocation(StorageError):
     """A repository URL or storage setting that names no usable store: a mistake in the
     command line or the config, not a failure of the store."""
+
+
+class InvalidSetting(InvalidLocation):
+    """A storage setting from the config with a value the backend cannot use; the message
+    names the setting but not the table it came from (the caller knows that)."""
+
+    def __init__(self, message: str, setting: str) -> None:
+        super().__init__(message)
+        self.setting = setting
 
 
 class ObjectNotFound(StorageError):

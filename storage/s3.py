@@ -1,9 +1,10 @@
 """Amazon S3 backend (and S3-compatible stores: Ceph RGW, MinIO, ...), on boto3.
 
 ``s3://BUCKET/PREFIX`` keeps each object under ``PREFIX/KEY`` in ``BUCKET``;
-the prefix is optional and may contain slashes. The ``[storage]`` table may
-set ``endpoint``, ``region``, ``addressing_style`` (``path``, ``virtual`` or
-``auto``), ``profile``, ``concurrency`` (requests in parallel, default 16),
+the prefix is optional and may contain slashes. The ``[storage]`` table (or a
+``[remote.NAME]``) may set ``endpoint`` (an ``http://`` or ``https://`` URL),
+``region``, ``addressing_style`` (``path``, ``virtual`` or ``auto``),
+``profile``, ``concurrency`` (requests in parallel, default 16),
 ``connect_timeout`` and ``read_timeout`` (seconds) and ``conditional_writes``
 (below). Whatever it leaves out boto3 takes from the standard AWS environment
 and files (``AWS_ENDPOINT_URL``, ``AWS_PROFILE``, ``AWS_ACCESS_KEY_ID``,
@@ -74,6 +75,7 @@ from .base import (
 from .errors import (
     BackendUnavailable,
     InvalidLocation,
+    InvalidSetting,
     ObjectExists,
     ObjectNotFound,
     StorageError,
@@ -91,6 +93,8 @@ _BUCKET_RE = re.compile(r"[A-Za-z0-9._-]{1,255}")
 OPEN_ATTEMPTS = 5
 #: What ``addressing_style`` may be (botocore's names).
 ADDRESSING_STYLES = ("auto", "path", "virtual")
+#: The body checksums ``checksum`` may name.
+CHECKSUMS = ("crc32", "md5")
 #: The most a ``get_spans`` reads from a response body at once (and so holds).
 READ_WINDOW = 4 << 20
 
@@ -155,8 +159,9 @@ class S3Backend(Backend):
                  checksum: str = "crc32") -> None:
         if not _BUCKET_RE.fullmatch(bucket):
             raise StorageError(f"invalid S3 bucket name {bucket!r}")
-        if checksum not in ("crc32", "md5"):
-            raise StorageError(f'[storage] checksum must be "crc32" or "md5", not {checksum!r}')
+        if checksum not in CHECKSUMS:
+            raise InvalidSetting(f'checksum must be "crc32" or "md5", not {checksum!r}',
+                                 "checksum")
         self.checksum = checksum
         self.bucket = bucket
         self.prefix = prefix.strip("/")
@@ -196,7 +201,8 @@ class S3Backend(Backend):
     @classmethod
     def from_url(cls, url: str, create: bool = False,
                  options: Mapping[str, Any] | None = None) -> S3Backend:
-        """Open ``s3://BUCKET/PREFIX`` with the ``[storage]`` settings in ``options``."""
+        """Open ``s3://BUCKET/PREFIX`` with the storage settings in ``options``
+        (InvalidSetting for a bad one)."""
         parts = urlsplit(url)
         if "@" in parts.netloc:  # never echo what may be credentials
             raise InvalidLocation("an S3 URL takes no user or password (credentials come "
@@ -206,13 +212,20 @@ class S3Backend(Backend):
         opts = dict(options or {})
         unknown = sorted(set(opts) - cls.option_keys)
         if unknown:
-            raise InvalidLocation(f"[storage] unknown S3 setting {unknown[0]!r}")
+            raise InvalidSetting(f"unknown S3 setting {unknown[0]!r}", unknown[0])
         style = _opt(opts, "addressing_style", str)
         if style is not None and style not in ADDRESSING_STYLES:
-            raise InvalidLocation(f"[storage] addressing_style must be one of "
-                                  f"{', '.join(ADDRESSING_STYLES)}, not {style!r}")
+            raise InvalidSetting(f"addressing_style must be one of "
+                                 f"{', '.join(ADDRESSING_STYLES)}, not {style!r}",
+                                 "addressing_style")
+        endpoint = _opt(opts, "endpoint", str)
+        if endpoint is not None:
+            where = urlsplit(endpoint)
+            if where.scheme not in ("http", "https") or not where.hostname:
+                raise InvalidSetting(f"endpoint must be an http:// or https:// URL, not "
+                                     f"{endpoint!r}", "endpoint")
         return cls(parts.netloc, parts.path, create=create,
-                   endpoint=_opt(opts, "endpoint", str), region=_opt(opts, "region", str),
+                   endpoint=endpoint, region=_opt(opts, "region", str),
                    addressing_style=style,
                    profile=_opt(opts, "profile", str),
                    concurrency=_opt(opts, "concurrency", int) or 16,
@@ -509,7 +522,7 @@ def _opt(opts: Mapping[str, Any], name: str, kind: type[Any]) -> Any:
         value = float(value)
     if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
         wanted = {int: "an integer", float: "a number", bool: "true or false"}.get(kind, "text")
-        raise InvalidLocation(f"[storage] {name} must be {wanted}, not {value!r}")
+        raise InvalidSetting(f"{name} must be {wanted}, not {value!r}", name)
     if kind in (int, float) and value <= 0:
-        raise InvalidLocation(f"[storage] {name} must be positive, not {value!r}")
+        raise InvalidSetting(f"{name} must be positive, not {value!r}", name)
     return value

@@ -53,6 +53,14 @@ def _remote_key_typo(work: Path) -> list[str]:
     return ["copy", "--to", "off", "--config", str(work / "remote.toml")]
 
 
+def _s3_remote(setting: str) -> Case:
+    def setup(work: Path) -> list[str]:
+        (work / "s3remote.toml").write_text(f'repository = "repo"\n[remote.off]\n'
+                                            f'repository = "s3://bucket/p"\n{setting}\n')
+        return ["copy", "--to", "off", "--config", str(work / "s3remote.toml")]
+    return setup
+
+
 def _socket_disk(work: Path) -> list[str]:
     s = socket.socket(socket.AF_UNIX)
     s.bind(str(work / "s.sock"))
@@ -87,6 +95,10 @@ CASES: list[tuple[str, Case, int, str]] = [
      "unknown key 'repositry'; did you mean 'repository'?"),
     ("misspelt key of a remote", _remote_key_typo, exitcodes.CONFIG,
      "[remote.off] for file://: unknown key 'retres'; did you mean 'retries'?"),
+    ("S3 endpoint that is no URL", _s3_remote('endpoint = "notaurl"'), exitcodes.CONFIG,
+     "[remote.off] endpoint must be an http:// or https:// URL, not 'notaurl'"),
+    ("S3 setting out of range", _s3_remote("concurrency = 0"), exitcodes.CONFIG,
+     "[remote.off] concurrency must be positive, not 0"),
     ("disk for disks", lambda w: ["snapshot", "typo"], exitcodes.CONFIG,
      "[vm.typo]: unknown key 'disk'; did you mean 'disks'?"),
     ("unknown vm key", lambda w: ["snapshot", "extra"], exitcodes.CONFIG,
