@@ -18,7 +18,7 @@ from ..repository import Repository
 from ..retention import format_duration
 from ..snapshots import Snapshot
 from ..spec import VM_NAME_RE
-from ..units import human_bytes
+from ..units import counted, human_bytes
 from .app import Context, command
 from .retention_cmds import apply_policy, parse_grace, prune_lines
 
@@ -94,21 +94,22 @@ def copy(ctx: Context, specs: tuple[str, ...], to: str, grace: str) -> None:
         doc["retention"] = {**offsite[0].as_dict(), "prune": offsite[1].as_dict()}
 
     def human() -> None:
+        if not stats.snapshots:
+            click.echo(f"nothing to copy: {dst.backend.location} has all "
+                       f"{counted(len(snaps), 'snapshot')} already (0 bytes sent)")
+        else:
+            click.echo(f"copied {counted(stats.snapshots, 'snapshot')} to "
+                       f"{dst.backend.location} ({stats.already_there} already there): sent "
+                       f"{human_bytes(stats.bytes_sent)} in {counted(stats.blobs_sent, 'blob')} "
+                       f"({counted(stats.packs_whole, 'whole pack')}) in {elapsed:.1f} s")
         if extended:
-            click.echo(f"{to}: extended the object lock of {extended} objects")
+            click.echo(f"{to}: extended the object lock of {counted(extended, 'object')}")
         if offsite is not None:
             the_plan, pruned = offsite
             click.echo(f"{to}: {policy.describe() if policy else ''}: removed "
-                       f"{len(the_plan.removed)} snapshots, kept {len(the_plan.kept)}")
+                       f"{counted(len(the_plan.removed), 'snapshot')}, kept "
+                       f"{len(the_plan.kept)}")
             for line in prune_lines(pruned, period):
                 click.echo(f"{to}: {line}")
-        if not stats.snapshots:
-            click.echo(f"nothing to copy: {dst.backend.location} has all {len(snaps)} "
-                       "snapshots already (0 bytes sent)")
-            return
-        click.echo(f"copied {stats.snapshots} snapshots to {dst.backend.location} "
-                   f"({stats.already_there} already there): sent {human_bytes(stats.bytes_sent)}"
-                   f" in {stats.blobs_sent} blobs ({stats.packs_whole} whole packs) in "
-                   f"{elapsed:.1f} s")
 
     ctx.emit(doc, human)
