@@ -38,6 +38,11 @@ class ForgetPlan:
     def kept(self) -> list[Snapshot]:
         return [d.snapshot for d in self.decisions if d.keep]
 
+    @property
+    def removed_vms(self) -> list[str]:
+        """The VMs some of whose snapshots this plan removes, sorted."""
+        return sorted({s.vm for s in self.removed})
+
     def without(self, vms: Collection[str]) -> ForgetPlan:
         """This plan with ``vms`` left out (their lock was held)."""
         return ForgetPlan([d for d in self.decisions if d.snapshot.vm not in vms],

@@ -9,16 +9,33 @@ import shutil
 import subprocess
 import sys
 from collections.abc import Callable, Iterator, Mapping
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+from vmrepo.codec import RecordKind
+from vmrepo.format import lock_key
+from vmrepo.locks import LOCK_VERSION, REPOSITORY, LockInfo
 from vmrepo.sources.base import BackupContext, DiskStream, Extent, Mode, Source
+from vmrepo.store import RepoStore
 
 
 def killpoint(*args: str) -> list[str]:
     """The command running ``tests/killpoint.py`` with ``args`` (see its docstring); ``-P``
     keeps the tests' directory off the path (its qemu.py would hide qemu.qmp)."""
     return [sys.executable, "-P", str(Path(__file__).parent / "killpoint.py"), *args]
+
+
+def plant_lock(store: RepoStore, pid: int, exclusive: bool, *, host: str | None = None,
+               when: datetime | None = None, scope: str = REPOSITORY,
+               operation: str = "test") -> LockInfo:
+    """A lock record as ``pid`` on ``host`` (default: this host) would leave it, taken and
+    last refreshed at ``when`` (default: now)."""
+    when = when or datetime.now(UTC)
+    info = LockInfo(os.urandom(8).hex(), host or os.uname().nodename, pid, operation,
+                    exclusive, when, when, scope)
+    store.put_record(RecordKind.LOCK, lock_key(info.id), info.fields(LOCK_VERSION))
+    return info
 
 
 def vmrepo_bin() -> str:

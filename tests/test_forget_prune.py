@@ -5,6 +5,7 @@ retention."""
 from __future__ import annotations
 
 import json
+import os
 import random
 import shutil
 import subprocess
@@ -18,7 +19,7 @@ import boto3
 import pytest
 from vmrepo import exitcodes
 
-from .helpers import killpoint, run_cli, run_json, vmrepo_bin, write_sample_image
+from .helpers import killpoint, plant_lock, run_cli, run_json, vmrepo_bin, write_sample_image
 from .s3server import moto_server, s3_bucket, s3_url  # noqa: F401 - fixtures
 
 MiB = 1 << 20
@@ -79,21 +80,12 @@ def work(tmp_path: Path) -> Path:
 
 def _hold_vm_lock(work: Path, vm: str) -> None:
     """A live snapshot's lock on ``vm`` (this process holds it, refreshed now)."""
-    import os
-    import socket
-    from datetime import UTC, datetime
-
-    from vmrepo.codec import RecordKind
-    from vmrepo.format import lock_key
-    from vmrepo.locks import LOCK_VERSION, LockInfo, vm_scope
+    from vmrepo.locks import vm_scope
     from vmrepo.repository import Repository
     from vmrepo.storage.local import LocalBackend
 
     repo = Repository.open(LocalBackend(work / "repo"))
-    now = datetime.now(UTC)
-    info = LockInfo(os.urandom(8).hex(), socket.gethostname(), os.getpid(), f"snapshot {vm}",
-                    True, now, now, vm_scope(vm))
-    repo.store.put_record(RecordKind.LOCK, lock_key(info.id), info.fields(LOCK_VERSION))
+    plant_lock(repo.store, os.getpid(), True, scope=vm_scope(vm), operation=f"snapshot {vm}")
 
 
 def test_forget_of_locked_vms(work: Path) -> None:
@@ -458,6 +450,10 @@ def test_copy_applies_the_remote_policy(work: Path) -> None:
     again = run_json("copy", "--to", "offsite", "--grace", "0", cwd=work)
     assert again["snapshots"] == 0 and again["bytes_sent"] == 0  # the forgotten stay away
     assert again["left_out_by_policy"] == 4 and again["retention"]["removed"] == 0
+    # For people: what the copy did first, then what the remote's retention did there.
+    said = run_cli("copy", "--to", "offsite", "--grace", "0", cwd=work).stdout.splitlines()
+    assert said[0].startswith("nothing to copy: ") and "all 3 snapshots already" in said[0]
+    assert said[1].startswith("offsite: ") and said[1].endswith("removed 0 snapshots, kept 3")
     local = run_json("forget", "--prune", "--grace", "0", cwd=work)
     assert local["removed"] == 4 and local["prune"]["bytes_deleted"] > 0
     here = {s["id"] for s in run_json("snapshots", cwd=work)["snapshots"]}

@@ -9,7 +9,7 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import pytest
-from vmrepo.codec import Codec, RecordKind
+from vmrepo.codec import Codec
 from vmrepo.errors import LockLost, RepositoryLocked
 from vmrepo.format import Hasher, lock_key
 from vmrepo.locks import (
@@ -31,6 +31,8 @@ from vmrepo.storage.local import LocalBackend
 from vmrepo.storage.memory import MemoryBackend
 from vmrepo.store import RepoStore
 
+from .helpers import plant_lock
+
 NOW = datetime(2026, 1, 1, tzinfo=UTC)
 
 
@@ -50,10 +52,7 @@ def dead_pid() -> int:
 
 def plant(s: RepoStore, pid: int, exclusive: bool, host: str | None = None,
           age: timedelta = timedelta(), scope: str = REPOSITORY) -> LockInfo:
-    info = LockInfo(os.urandom(8).hex(), host or os.uname().nodename, pid, "test", exclusive,
-                    NOW - age, NOW - age, scope)
-    s.put_record(RecordKind.LOCK, lock_key(info.id), info.fields(2))
-    return info
+    return plant_lock(s, pid, exclusive, host=host, when=NOW - age, scope=scope)
 
 
 def test_shared_locks_coexist_and_release() -> None:

@@ -87,7 +87,7 @@ def remove_planned(ctx: Context, repo: Repository, the_plan: ForgetPlan,
     """Delete what ``decide`` removes, deciding again under the locks of the VMs the first
     plan touches (a snapshot may have been taken or forgotten meanwhile); return the plan
     that was carried out and the VMs left alone because their lock was held."""
-    vms = sorted({s.vm for s in the_plan.removed})
+    vms = the_plan.removed_vms
     if not vms:
         return the_plan, []
     with vm_locks(ctx, repo, vms, "forget") as (held, busy):
@@ -298,7 +298,7 @@ def forget(ctx: Context, targets: tuple[str, ...], dry_run: bool, then_prune: bo
                                    datetime.now(UTC), allow_empty=keep_none)
 
     the_plan = decide(r.snapshots())
-    planned = {s.vm for s in the_plan.removed}
+    planned = set(the_plan.removed_vms)
     busy: list[str] = []
     if not dry_run:
         the_plan, busy = remove_planned(ctx, r, the_plan, decide)
