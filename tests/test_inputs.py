@@ -205,3 +205,13 @@ def test_differential_restore_with_spaces_and_a_checked_backing(work: Path) -> N
             "--backing", str(wrong), "--disk", "disk0", "-o", str(out / "unsafe.qcow2"),
             "--no-check-backing", cwd=work)
     assert (out / "unsafe.qcow2").exists()
+
+
+def test_listing_names_what_matched_nothing(work: Path) -> None:
+    """An empty listing says which VM (and tags) it looked for, and which VMs it knows."""
+    said = run_cli("snapshots", "vmx", cwd=work)
+    assert said.returncode == 0
+    assert said.stdout.strip() == "no snapshots of VM vmx (VMs with snapshots: vm1)"
+    said = run_cli("snapshots", "vm1", "--tag", "nightly", cwd=work)
+    assert said.stdout.strip() == "no snapshots of VM vm1 with tag nightly"
+    assert run_json("snapshots", "vmx", cwd=work)["snapshots"] == []

@@ -113,7 +113,8 @@ def _added(s: Snapshot) -> int:
               help="Only the N newest snapshots of each VM.")
 def snapshots(ctx: Context, vm: str | None, tags: tuple[str, ...], last: int | None) -> None:
     """List snapshots, of one VM or all."""
-    snaps = [s for s in ctx.open_repo().snapshots(vm) if all(t in s.tags for t in tags)]
+    every = ctx.open_repo().snapshots()
+    snaps = [s for s in every if (vm is None or s.vm == vm) and all(t in s.tags for t in tags)]
     if last is not None:
         by_vm: dict[str, list[Snapshot]] = {}
         for s in snaps:
@@ -123,7 +124,11 @@ def snapshots(ctx: Context, vm: str | None, tags: tuple[str, ...], last: int | N
 
     def human() -> None:
         if not snaps:
-            click.echo("no snapshots")
+            known = sorted({s.vm for s in every})
+            click.echo("no snapshots" + (f" of VM {vm}" if vm else "") + (
+                f" with tag{'s' if len(tags) > 1 else ''} {', '.join(tags)}" if tags else "")
+                + (f" (VMs with snapshots: {', '.join(known)})"
+                   if vm and vm not in known and known else ""))
             return
         click.echo(f"{'ID':8}  {'VM':12}  {'TIME':19}  {'DISKS':>5}  {'SIZE':>10}  "
                    f"{'ADDED':>10}  {'TAKEN':11}  TAGS")
