@@ -369,9 +369,15 @@ def main(argv: list[str] | None = None) -> NoReturn:
     limit_malloc_arenas(2)  # one arena per thread would each keep freed chunk buffers
     logs.setup(0)
     try:
-        cli.main(args=argv, prog_name="vmrepo", standalone_mode=False)
+        # Not cli.main(): it writes a blank line before an interrupt's error even where no
+        # terminal echoed ^C.
+        with cli.make_context("vmrepo", sys.argv[1:] if argv is None else list(argv)) as ctx:
+            cli.invoke(ctx)
     except click.exceptions.Exit as exc:
         sys.exit(exc.exit_code)
+    except click.exceptions.NoArgsIsHelpError as exc:  # `vmrepo` alone: the help, as laid out
+        click.echo(exc.format_message(), err=True)
+        sys.exit(exitcodes.USAGE)
     except click.ClickException as exc:
         hint = ""
         if isinstance(exc, click.UsageError) and exc.ctx is not None:
@@ -383,6 +389,8 @@ def main(argv: list[str] | None = None) -> NoReturn:
         name = str(cause) if isinstance(cause, KeyboardInterrupt) and str(cause) else "SIGINT"
         _fail(exitcodes.INTERRUPTED, str(Interrupted(name)))
     except KeyboardInterrupt as exc:
+        if sys.stderr.isatty():
+            click.echo(err=True)  # past the terminal's ^C
         _fail(exitcodes.INTERRUPTED, str(Interrupted(str(exc) or "SIGINT")))
     except BrokenPipeError:
         sys.exit(exitcodes.FAILURE)
