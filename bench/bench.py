@@ -16,8 +16,9 @@ third holes) as a raw file and as the qcow2 disk of a paused QEMU VM, then:
   tools taking turns (vmrepo reports its request count);
 
 and prints one markdown table with throughput, bytes read and stored, peak
-memory and the ratios against borg and restic, then the targets (each ratio,
-met or missed) and the cost of encryption. A run that leaves out no path
+memory, CPU time (QEMU's too) and the ratios against borg and restic, then the
+targets (each ratio, met or missed), the least time each timed target's CPU
+work allows with every core busy, and the cost of encryption. A run that leaves out no path
 writes the same into docs/benchmarks.md, between the markers
 ``<!-- bench.py: begin -->`` and ``<!-- bench.py: end -->`` (``--docs PATH``
 elsewhere, ``--no-docs`` not at all; ``--quick`` writes only with ``--docs``).
@@ -62,6 +63,7 @@ PHASES = ("full", "incremental", "restore")
 MiB = 1 << 20
 #: The memory target, in bytes (MB, not MiB).
 RSS_LIMIT = 200_000_000
+CORES = len(os.sched_getaffinity(0))
 
 LEGEND = {
     "file": "the file source reading the raw file",
@@ -83,6 +85,16 @@ class Result:
     m: Measured
     added: int = 0
     extra: dict[str, object] = field(default_factory=dict)
+    #: QEMU's CPU seconds during the run (paths through the VM), beside the command's own.
+    qemu_cpu: float = 0.0
+
+    @property
+    def cpu(self) -> float:
+        return self.m.cpu + self.qemu_cpu
+
+    def busy(self) -> float:
+        """The share of the machine's cores the run kept busy (its CPU and QEMU's)."""
+        return self.cpu / (self.m.seconds * CORES)
 
 
 class Bench:
@@ -183,9 +195,14 @@ class Bench:
             m = run_measured(["restic", "backup", "-q", "--compression", "auto",
                               self.raw.name], env=self.env(path), cwd=self.work)
         else:
+            qemu = self.vm if path in QEMU_PATHS else None
+            q0 = qemu.cpu_seconds() if qemu else 0.0
             m = run_measured(self._vmrepo(path, "snapshot", path, "--json"),
                              env=self.env(path))
+            q1 = qemu.cpu_seconds() if qemu else 0.0
         r = Result(path, phase, m, dir_size(self.repo(path)) - before)
+        if path in QEMU_PATHS:
+            r.qemu_cpu = q1 - q0
         if path in VMREPO_PATHS:
             doc = json.loads(m.stdout)
             tot = doc["totals"]
@@ -245,8 +262,9 @@ class Bench:
     def _say(self, r: Result) -> None:
         self.runs.append(r)
         more = "".join(f"  {k} {v}" for k, v in r.extra.items())
-        print(f"  {r.path:7} {r.phase:12} {r.m.seconds:7.2f} s  cpu {r.m.cpu:6.2f} s  peak rss "
-              f"{human_bytes(r.m.max_rss):>10}  added {human_bytes(r.added):>10}{more}",
+        qemu = f" + qemu {r.qemu_cpu:.2f} s" if r.qemu_cpu else ""
+        print(f"  {r.path:7} {r.phase:12} {r.m.seconds:7.2f} s  cpu {r.m.cpu:6.2f} s{qemu}  "
+              f"peak rss {human_bytes(r.m.max_rss):>10}  added {human_bytes(r.added):>10}{more}",
               flush=True)
 
 
@@ -266,7 +284,8 @@ def best(results: list[Result]) -> Result:
 
 def results_table(b: Bench, table: dict[tuple[str, str], Result]) -> str:
     header = ["path", "phase", "seconds", "disk MiB/s", "read MiB", "added MiB",
-              "peak RSS MiB", "vs borg", "vs restic", "requests"]
+              "peak RSS MiB", "CPU s", "QEMU CPU s", "cores busy %", "vs borg", "vs restic",
+              "requests"]
     rows = []
     for phase in PHASES:
         for path in b.paths:
@@ -281,7 +300,10 @@ def results_table(b: Bench, table: dict[tuple[str, str], Result]) -> str:
             rows.append([path, phase, f"{r.m.seconds:.2f}", f"{b.size / MiB / r.m.seconds:.1f}",
                          f"{int(read) / MiB:.1f}" if isinstance(read, int) else "",
                          f"{r.added / MiB:.2f}" if phase != "restore" else "",
-                         f"{r.m.max_rss / MiB:.1f}", *ratios, str(r.extra.get("requests", ""))])
+                         f"{r.m.max_rss / MiB:.1f}", f"{r.m.cpu:.2f}",
+                         f"{r.qemu_cpu:.2f}" if path in QEMU_PATHS and phase != "restore"
+                         else "", f"{100 * r.busy():.0f}", *ratios,
+                         str(r.extra.get("requests", ""))])
     return docsgen.md_table(header, rows, "ll")
 
 
@@ -292,6 +314,9 @@ class Target:
     value: float | None  # None: not measured (a path was left out)
     met: bool = False
     shown: str = ""
+    #: For a target on time: the run's seconds, the seconds the goal allows, and the least
+    #: seconds its CPU time (with QEMU's) would take with every core busy throughout.
+    timing: tuple[float, float, float] | None = None
 
     def row(self) -> list[str]:
         if self.value is None:
@@ -310,7 +335,9 @@ def targets(b: Bench, table: dict[tuple[str, str], Result]) -> list[Target]:
         r, o = t(path, phase), t(other, phase)
         v = o.m.seconds / r.m.seconds if r and o else None
         out.append(Target(f"{label}: throughput over {other}'s", f"≥ {goal:g}", v,
-                          v is not None and v >= goal))
+                          v is not None and v >= goal,
+                          timing=(r.m.seconds, o.m.seconds / goal, r.cpu / CORES)
+                          if r and o else None))
 
     def fraction(path: str, label: str, what: str, other: str, goal: float) -> None:
         r, o = t(path, "incremental"), t(other, "incremental")
@@ -319,7 +346,9 @@ def targets(b: Bench, table: dict[tuple[str, str], Result]) -> list[Target]:
             v = (r.m.seconds / o.m.seconds if what == "time"
                  else r.added / o.added if o.added else float("inf"))
         out.append(Target(f"{label}: {what} over {other}'s", f"≤ {goal:g}", v,
-                          v is not None and v <= goal))
+                          v is not None and v <= goal,
+                          timing=(r.m.seconds, o.m.seconds * goal, r.cpu / CORES)
+                          if r and o and what == "time" else None))
 
     faster("qmp", "full, QMP push", "full", "borg", 2.5)
     faster("nbd", "full, NBD pull", "full", "borg", 2.5)
@@ -356,6 +385,17 @@ def targets_table(ts: list[Target]) -> str:
                             "lrrl")
 
 
+def cpu_bounds(ts: list[Target]) -> str | None:
+    """For each target on time: the least time its CPU work allows beside the goal's."""
+    parts = [f"{x.what.split(': ')[0]}: {least:.2f} s against {allowed:.2f} s (took "
+             f"{took:.2f} s)" for x in ts if x.timing for took, allowed, least in [x.timing]]
+    if not parts:
+        return None
+    return (f"Least time with all {CORES} cores busy throughout (a run's CPU seconds, the "
+            f"command's and QEMU's, over {CORES}), against the time each goal allows: "
+            + "; ".join(parts) + ".")
+
+
 def encryption_cost(table: dict[tuple[str, str], Result]) -> str | None:
     parts = []
     for phase in PHASES:
@@ -374,13 +414,15 @@ def legend(paths: list[str]) -> str:
             "repository but `plain`'s is encrypted (aes-256-gcm) and of 256 KiB chunks unless "
             "its name says otherwise. Columns: wall seconds; the disk's size over that time; "
             "what vmrepo read from the source (an incremental through QEMU's bitmaps reads only "
-            "what changed); the repository's growth; the command's peak RSS; the other tool's "
-            "time over this one's (above 1: faster); storage requests of a restore (and of an "
-            "S3 snapshot).")
+            "what changed); the repository's growth; the command's peak RSS; its CPU seconds "
+            "(user and system, all threads); QEMU's CPU seconds meanwhile (snapshots through "
+            "the VM); the share of the machine's cores the two kept busy from the command's "
+            "start to its end; the other tool's time over this one's (above 1: faster); "
+            "storage requests of a restore (and of an S3 snapshot).")
 
 
 def docs_section(b: Bench, rounds: int, writes: int, results: str, tgts: str,
-                 enc: str | None) -> str:
+                 notes: list[str]) -> str:
     para, cmd = docsgen.para, docsgen.command("bench.py")
     versions = docsgen.tool_versions()
     tools = []
@@ -409,8 +451,7 @@ def docs_section(b: Bench, rounds: int, writes: int, results: str, tgts: str,
              "being the same):"),
         tgts,
     ]
-    if enc:
-        parts.append(para(enc))
+    parts += [para(n) for n in notes]
     parts.append(para(f"Command: `{cmd}` ({docsgen.today()})."))
     return "\n\n".join(parts) + "\n"
 
@@ -465,15 +506,16 @@ def main() -> None:
         for path in paths:
             table[(path, "restore")] = best(restores[path])
         results = results_table(b, table)
-        tgts = targets_table(targets(b, table))
-        enc = encryption_cost(table)
+        ts = targets(b, table)
+        tgts = targets_table(ts)
+        notes = [n for n in (cpu_bounds(ts), encryption_cost(table)) if n]
         print(f"\n{results}\n(vs borg, vs restic: the other tool's time over this path's; "
               f"above 1 means faster)\n\ntargets:\n{tgts}")
-        if enc:
-            print(f"\n{enc}")
+        for note in notes:
+            print(f"\n{note}")
         if docs is not None:
             docsgen.write_section(docs, "bench.py",
-                                  docs_section(b, rounds, n, results, tgts, enc),
+                                  docs_section(b, rounds, n, results, tgts, notes),
                                   replaces="Every path beside borg and restic")
             print(f"\nbench: results written into {docs}", flush=True)
     finally:

@@ -51,6 +51,13 @@ class BenchVM:
                                       "file": {"driver": "file", "filename": str(image)}})
         return self
 
+    def cpu_seconds(self) -> float:
+        """QEMU's CPU time so far (user and system, from /proc)."""
+        assert self.proc is not None
+        with open(f"/proc/{self.proc.pid}/stat") as f:
+            fields = f.read().rsplit(")", 1)[1].split()
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
     def cmd(self, name: str, args: dict[str, Any] | None = None) -> Any:
         assert self.qmp is not None
         return self.qmp.execute(name, args)

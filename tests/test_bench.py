@@ -77,6 +77,12 @@ def test_bench_quick_runs_every_path(tmp_path: Path) -> None:
         positive(r["seconds"])
         positive(r["disk MiB/s"])
         positive(r["peak RSS MiB"])
+        positive(r["CPU s"])
+        assert 0 < float(r["cores busy %"]) <= 105, r  # CPU time is sampled at clock ticks
+        if path in QEMU_PATHS and phase != "restore":
+            positive(r["QEMU CPU s"])
+        else:
+            assert r["QEMU CPU s"] == "", r
         if phase != "restore":
             positive(r["added MiB"])
         if path in VMREPO_PATHS:
@@ -105,6 +111,14 @@ def test_bench_quick_runs_every_path(tmp_path: Path) -> None:
             assert t["verdict"] in ("met", "missed"), t
             positive(t["measured"].removesuffix(" MB"))
     assert "Encryption cost" in out
+    # Each target on time is set beside the least time its CPU work allows.
+    bounds = re.search(r"Least time with all \d+ cores busy throughout.*?: (.*)\.\n",
+                       out)
+    assert bounds, out
+    on_time = [t for t in targets if "time" in t["target"] or "throughput" in t["target"]]
+    measured = [t for t in on_time if t["verdict"] != "-"]
+    assert len(re.findall(r"[\d.]+ s against [\d.]+ s \(took [\d.]+ s\)", bounds[1])) == \
+        len(measured)
 
     text = docs.read_text()
     begin, end = "<!-- bench.py: begin -->", "<!-- bench.py: end -->"
