@@ -131,3 +131,26 @@ def test_a_damaged_blob_does_not_travel(work: Path) -> None:
     res = run_cli("copy", "--to", "offsite", cwd=work, check=False)
     assert res.returncode == 14 and "does not match" in res.stderr
     assert run_json("-r", "offsite", "snapshots", cwd=work)["snapshots"] == []
+
+
+def test_a_named_snapshot_the_remote_policy_would_forget_is_reported(work: Path) -> None:
+    """A remote keeping only the last snapshot gets the newest; asked by name for an older
+    one, copy says that the policy would forget it at once, and does not claim the remote
+    has it."""
+    snaps = _three_snapshots(work)
+    config = work / "vmrepo.toml"
+    config.write_text(config.read_text() + "keep = { last = 1 }\n")
+    run_cli("-r", "offsite", "init", "--copy-params-from", "repo", cwd=work)
+    first = run_cli("copy", "--to", "offsite", cwd=work).stdout.splitlines()
+    assert first[0].startswith("copied 1 snapshot to ")
+    assert "offsite: left out 2 snapshots its keep policy would forget at once" in first
+    older = f"vm1@{snaps[0][0][:8]}"
+    res = run_cli("copy", "--to", "offsite", older, cwd=work)
+    assert res.stdout.splitlines()[0].startswith("nothing to copy to "), res.stdout
+    assert "offsite: left out 1 snapshot its keep policy would forget at once" in res.stdout
+    assert f"vmrepo: warning: not copied: {older}: offsite's keep last 1 would forget it at " \
+        "once" in res.stderr
+    doc = run_json("copy", "--to", "offsite", older, cwd=work)
+    assert doc["snapshots"] == 0 and doc["left_out_by_policy"] == 1
+    there = run_json("-r", "offsite", "snapshots", cwd=work)["snapshots"]
+    assert [s["id"] for s in there] == [snaps[2][0]]

@@ -24,11 +24,13 @@ from .retention_cmds import apply_policy, parse_grace, prune_lines
 
 
 def select(repo: Repository, snaps: list[Snapshot], specs: tuple[str, ...]
-           ) -> list[Snapshot]:
-    """Every snapshot of ``repo`` (``snaps``), or those of the VMs and VM@WHEN specs named."""
+           ) -> tuple[list[Snapshot], set[str]]:
+    """Every snapshot of ``repo`` (``snaps``), or those of the VMs and VM@WHEN specs named;
+    and the ids of those named one by one (VM@WHEN)."""
     if not specs:
-        return snaps
+        return snaps, set()
     chosen: dict[str, Snapshot] = {}
+    one_by_one: set[str] = set()
     for spec in specs:
         if "@" not in spec and VM_NAME_RE.fullmatch(spec):
             of_vm = [s for s in snaps if s.vm == spec]
@@ -38,7 +40,8 @@ def select(repo: Repository, snaps: list[Snapshot], specs: tuple[str, ...]
         else:
             s = repo.find_snapshot(spec, snaps)
             chosen[s.id] = s
-    return sorted(chosen.values(), key=lambda s: (s.time, s.id))
+            one_by_one.add(s.id)
+    return sorted(chosen.values(), key=lambda s: (s.time, s.id)), one_by_one
 
 
 @command()
@@ -56,7 +59,7 @@ def copy(ctx: Context, specs: tuple[str, ...], to: str, grace: str) -> None:
     src = ctx.open_repo()
     dst = ctx.open_repo(to)
     started = time.monotonic()
-    snaps = select(src, src.snapshots(), specs)
+    snaps, named = select(src, src.snapshots(), specs)
     left_out = 0
     if policy is not None:
         # Only what the remote's policy keeps, counting what it holds already: a snapshot it
@@ -66,8 +69,15 @@ def copy(ctx: Context, specs: tuple[str, ...], to: str, grace: str) -> None:
         wanted = forgetting.plan(have + [s for s in snaps if s.id not in ids],
                                  lambda vm: policy, datetime.now(UTC))
         keep = {s.id for s in wanted.kept}
-        left_out = sum(1 for s in snaps if s.id not in keep and s.id not in ids)
+        dropped = [s for s in snaps if s.id not in keep and s.id not in ids]
+        left_out = len(dropped)
         snaps = [s for s in snaps if s.id in keep or s.id in ids]
+        asked = [f"{s.vm}@{s.short_id}" for s in dropped if s.id in named]
+        if asked:
+            them = "it" if len(asked) == 1 else "them"
+            ctx.warn(f"not copied: {', '.join(asked)}: {to}'s {policy.describe()} would forget "
+                     f"{them} at once (to copy {them}, tag {them} with a tag that policy keeps: "
+                     "`tags = [...]` in its keep)")
     with ctx.lock(src, f"copy to {to}", read_only=True) as held_src, \
             ctx.lock(dst, f"copy from {src.config.repository_id[:8]}") as held_dst:
         stats = copy_snapshots(src, dst, snaps,
@@ -96,12 +106,16 @@ def copy(ctx: Context, specs: tuple[str, ...], to: str, grace: str) -> None:
     def human() -> None:
         if not stats.snapshots:
             click.echo(f"nothing to copy: {dst.backend.location} has all "
-                       f"{counted(len(snaps), 'snapshot')} already (0 bytes sent)")
+                       f"{counted(len(snaps), 'snapshot')} already (0 bytes sent)" if snaps
+                       else f"nothing to copy to {dst.backend.location} (0 bytes sent)")
         else:
             click.echo(f"copied {counted(stats.snapshots, 'snapshot')} to "
                        f"{dst.backend.location} ({stats.already_there} already there): sent "
                        f"{human_bytes(stats.bytes_sent)} in {counted(stats.blobs_sent, 'blob')} "
                        f"({counted(stats.packs_whole, 'whole pack')}) in {elapsed:.1f} s")
+        if left_out:
+            click.echo(f"{to}: left out {counted(left_out, 'snapshot')} its keep policy "
+                       "would forget at once")
         if extended:
             click.echo(f"{to}: extended the object lock of {counted(extended, 'object')}")
         if offsite is not None:
