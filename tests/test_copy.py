@@ -154,3 +154,20 @@ def test_a_named_snapshot_the_remote_policy_would_forget_is_reported(work: Path)
     assert doc["snapshots"] == 0 and doc["left_out_by_policy"] == 1
     there = run_json("-r", "offsite", "snapshots", cwd=work)["snapshots"]
     assert [s["id"] for s in there] == [snaps[2][0]]
+
+
+def test_copy_params_from_with_other_sizes(work: Path) -> None:
+    """The chunk size must be the source's (blobs are named by their chunks): another is a
+    usage error. A pack size or compression given with it is the new repository's own."""
+    snaps = _three_snapshots(work)
+    res = run_cli("-r", "offsite", "init", "--copy-params-from", "repo", "--chunk-size", "1M",
+                  cwd=work, check=False)
+    assert res.returncode == exitcodes.USAGE
+    assert "--copy-params-from takes the chunk size of the source (64.00 KiB)" in res.stderr
+    assert not (work / "offsite").exists()
+    same = run_json("-r", "offsite", "init", "--copy-params-from", "repo", "--chunk-size", "64K",
+                    "--pack-size", "4M", "--compression", "zstd:9", cwd=work)
+    assert (same["chunk_size"], same["pack_size"], same["compression"]) == \
+        (CS, 4 << 20, "zstd-9")
+    assert run_json("copy", "--to", "offsite", cwd=work)["snapshots"] == 3
+    _restores_from(work, str(work / "offsite"), snaps)

@@ -6,6 +6,7 @@ from dataclasses import replace
 from datetime import UTC, datetime
 
 import click
+from click.core import ParameterSource
 from vmrepo.storage.objectlock import MODES
 
 from ..config import DEFAULT_PACK_SIZE, DEFAULT_ZSTD_LEVEL, RepoConfig
@@ -56,11 +57,20 @@ def init(ctx: Context, chunk_size: str, pack_size: str, compression: str,
             raise click.UsageError(f"--copy-params-from takes the encryption of the source "
                                    f"({src.config.encryption}) with its key, so that copies "
                                    "move blobs as they are stored")
+        given = click.get_current_context().get_parameter_source
+        if given("chunk_size") != ParameterSource.DEFAULT and \
+                cfg.chunk_size != src.config.chunk_size:
+            raise click.UsageError(f"--copy-params-from takes the chunk size of the source "
+                                   f"({human_bytes(src.config.chunk_size)}): copies move "
+                                   "blobs named by their chunks, so both need the same")
+        # Pack size and compression do not change what a blob is: given, they are kept.
         cfg = replace(cfg, chunk_size=src.config.chunk_size, hash_key=src.hasher.key,
-                      page_entries=src.config.page_entries, pack_size=src.config.pack_size,
-                      compression=src.config.compression,
-                      compression_level=src.config.compression_level,
-                      encryption=src.config.encryption)
+                      page_entries=src.config.page_entries, encryption=src.config.encryption)
+        if given("pack_size") == ParameterSource.DEFAULT:
+            cfg = replace(cfg, pack_size=src.config.pack_size)
+        if given("compression") == ParameterSource.DEFAULT:
+            cfg = replace(cfg, compression=src.config.compression,
+                          compression_level=src.config.compression_level)
         master = src.master
     if object_lock_days is not None:
         cfg = cfg.with_object_lock(object_lock_days, object_lock_mode)
