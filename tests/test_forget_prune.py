@@ -174,7 +174,7 @@ def test_forget_named_snapshots_and_policies_from_the_config(work: Path) -> None
     safe = run_json("forget", "vm1", "--keep-tag", "none", cwd=work)
     assert safe["removed"] == 0
     assert "never removes every snapshot" in safe["vms"]["vm1"]["snapshots"][0]["reasons"][0]
-    _config(work, "repo")
+    # Named VMs and --keep-none without a rule: all of them go, whatever the config keeps.
     gone = run_json("forget", "vm1", "--keep-none", cwd=work)
     assert gone["removed"] == 1 and run_json("snapshots", cwd=work)["snapshots"] == []
 
@@ -453,7 +453,8 @@ def test_copy_applies_the_remote_policy(work: Path) -> None:
     # For people: what the copy did first, then what the remote's retention did there.
     said = run_cli("copy", "--to", "offsite", "--grace", "0", cwd=work).stdout.splitlines()
     assert said[0].startswith("nothing to copy: ") and "all 3 snapshots already" in said[0]
-    assert said[1].startswith("offsite: ") and said[1].endswith("removed 0 snapshots, kept 3")
+    assert said[1] == "offsite: left out 4 snapshots its keep policy would forget at once"
+    assert said[2].startswith("offsite: ") and said[2].endswith("removed 0 snapshots, kept 3")
     local = run_json("forget", "--prune", "--grace", "0", cwd=work)
     assert local["removed"] == 4 and local["prune"]["bytes_deleted"] > 0
     here = {s["id"] for s in run_json("snapshots", cwd=work)["snapshots"]}

@@ -246,7 +246,9 @@ def forget_lines(p: ForgetPlan, dry_run: bool) -> list[str]:
 @click.option("--keep-tag", "tags", multiple=True, metavar="TAG",
               help="Keep every snapshot with this tag (repeatable).")
 @click.option("--keep-none", "keep_none", is_flag=True,
-              help="Let a policy remove every snapshot of a VM (without it, the newest stays).")
+              help="Let a policy remove every snapshot of a VM (without it, the newest stays); "
+                   "with VM names and no --keep-* rule, remove all their snapshots (whatever "
+                   "the config keeps).")
 @click.option("--dry-run", is_flag=True, help="Say what would be removed; change nothing.")
 @click.option("--prune", "then_prune", is_flag=True, help="Prune afterwards.")
 @prune_options
@@ -280,10 +282,10 @@ def forget(ctx: Context, targets: tuple[str, ...], dry_run: bool, then_prune: bo
         configured = settings.keep is not None or any(settings.policy(vm) for vm in in_scope)
         if cli_policy is not None:
             policy_of: forgetting.PolicyOf = lambda vm: cli_policy  # noqa: E731
+        elif keep_none and vms:  # named VMs, no rule given: whatever the config keeps
+            policy_of = lambda vm: Policy()  # noqa: E731 - every snapshot goes
         elif configured:
             policy_of = settings.policy
-        elif keep_none and vms:
-            policy_of = lambda vm: Policy()  # noqa: E731 - every snapshot goes
         elif keep_none:
             raise click.UsageError("--keep-none without keep rules removes every snapshot: "
                                    "name the VMs it applies to")
