@@ -36,7 +36,6 @@ from .chunker import ChunkAssembler, Piece
 from .errors import IntegrityError, SnapshotNotFound
 from .format import ID_SIZE, BlobType
 from .interrupts import came_while_committing, held
-from .logs import ignored
 from .manifest import Manifest, ManifestBuilder
 from .repository import Repository
 from .session import WriteSession
@@ -292,9 +291,14 @@ def take_snapshot(repo: Repository, source: Source, opts: SnapshotOptions) -> Sn
         if not committed:
             session.abort()
             # Roll the source back, not cut short by a second Ctrl-C (a third one is obeyed);
-            # its own failure must not hide the original one.
-            with held(), ignored(log, "rolling the source back", Exception):
-                source.finish(False)
+            # its own failure must not hide the original one, nor go unsaid (what it left
+            # behind, such as a bitmap, is the operator's to remove).
+            with held():
+                try:
+                    source.finish(False)
+                except Exception as exc:  # noqa: BLE001 - reported, the first error raised
+                    log.warning("%s", exc if isinstance(exc, SourceError)
+                                else f"rolling the source back failed: {exc}")
         raise
     if came:
         snap.interrupted = came[0]

@@ -156,7 +156,9 @@ class LibvirtDomain:
             with calls(self.lv, f"deleting checkpoint {name} (metadata only)"):
                 self.dom.checkpointLookupByName(name).delete(
                     self.lv.VIR_DOMAIN_CHECKPOINT_DELETE_METADATA_ONLY)
-            return f"{exc}; deleted its metadata only (bitmaps of it may stay in the images)"
+            return (f"{exc}; deleted its metadata only: its bitmap {name} may stay in the "
+                    f"disk images (once the domain is shut off, `qemu-img bitmap --remove IMAGE "
+                    f"{name}` removes it)")
 
     def job_xml(self) -> str | None:
         """The domain's backup job, or None."""

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import os
 import random
 from pathlib import Path
@@ -18,6 +19,7 @@ from vmrepo.repository import Repository
 from vmrepo.restore import changed_chunks, restore_raw
 from vmrepo.snapshots import Snapshot
 from vmrepo.sources.base import Extent
+from vmrepo.sources.errors import SourceError
 from vmrepo.sources.file import FileSource
 from vmrepo.storage.faulty import FaultyBackend
 from vmrepo.storage.memory import MemoryBackend
@@ -164,6 +166,25 @@ def test_source_is_rolled_back_on_failure(mem_repo: Repository) -> None:
     with pytest.raises(ExtentError, match="outside disk"):
         take_snapshot(mem_repo, src, SnapshotOptions(vm="vm"))
     assert src.finished == [False]
+    assert mem_repo.snapshots() == []
+
+
+def test_a_failed_rollback_is_reported_and_the_first_error_raised(
+        mem_repo: Repository, caplog: pytest.LogCaptureFixture) -> None:
+    """What the source could not undo (a bitmap left in an image) is the operator's to clean
+    up: it is said as a warning, and the error that stopped the snapshot is the one raised."""
+
+    class StuckSource(MemorySource):
+        def finish(self, committed: bool) -> None:
+            super().finish(committed)
+            raise SourceError("rolling back: clean-up failed: bitmap b1 stays in the image")
+
+    src = StuckSource([MemoryDisk("d", CS, [Extent(0, 2 * CS, None)])])
+    with caplog.at_level(logging.WARNING), pytest.raises(ExtentError, match="outside disk"):
+        take_snapshot(mem_repo, src, SnapshotOptions(vm="vm"))
+    assert src.finished == [False]
+    assert [(r.levelno, r.getMessage()) for r in caplog.records] == [
+        (logging.WARNING, "rolling back: clean-up failed: bitmap b1 stays in the image")]
     assert mem_repo.snapshots() == []
 
 
