@@ -180,6 +180,21 @@ def test_keys_added_listed_replaced_removed_and_exported(work: Path) -> None:
             env={"VMREPO_NEW_PASSWORD_FILE": str(work / "fresh")})
     assert len(run_json("snapshots", cwd=work,
                         env={"VMREPO_PASSWORD_FILE": str(work / "fresh")})["snapshots"]) == 1
+    # A copy made with --copy-params-from shares the master key: the same export opens it
+    # once it holds a snapshot to show that (an empty one proves nothing: refused).
+    run_cli("-r", "offsite", "init", "--copy-params-from", "repo", cwd=work,
+            env={"VMREPO_PASSWORD_FILE": str(work / "fresh")})
+    offsite = {"VMREPO_NEW_PASSWORD_FILE": str(work / "fresh"),
+               "VMREPO_PASSWORD_FILE": str(work / "pass")}  # forgotten
+    empty = run_cli("-r", "offsite", "key", "add", "--from-export", str(work / "paper"),
+                    cwd=work, env=offsite, check=False)
+    assert empty.returncode == exitcodes.WRONG_PASSPHRASE
+    assert "holds no snapshot record to show that the key fits" in empty.stderr
+    run_cli("copy", "--to", "offsite", cwd=work, env={"VMREPO_PASSWORD_FILE": str(work / "fresh")})
+    run_cli("-r", "offsite", "key", "add", "--from-export", str(work / "paper"), cwd=work,
+            env=offsite)
+    assert len(run_json("-r", "offsite", "snapshots", cwd=work,
+                        env={"VMREPO_PASSWORD_FILE": str(work / "fresh")})["snapshots"]) == 1
 
 
 def test_passphrase_errors_are_one_line(work: Path, monkeypatch: pytest.MonkeyPatch) -> None:

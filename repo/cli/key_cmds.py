@@ -96,12 +96,17 @@ def _add_from_export(ctx: Context, path: Path, label: str) -> None:
     except ValueError as exc:
         raise WrongPassphrase(f"cannot use {path}: {exc}") from None
     r = Repository.open(backend, master=master, report=ctx.report)
-    if r.config.repository_id != rid:
-        raise WrongPassphrase(f"{path} is the key of repository {rid}, not of "
-                              f"{r.config.repository_id}")
-    if r.snapshots() == [] and r.store.problems:  # records that do not open: a wrong key
+    snaps = r.snapshots()
+    if snaps == [] and r.store.problems:  # records that do not open: a wrong key
         raise WrongPassphrase(f"{path} does not open the records of {backend.location}")
-    new = keys.add_key(r.store, rid, master,
+    this = r.config.repository_id
+    if rid != this and not (snaps and not r.store.problems):
+        # Another repository's key fits only if it shares the master key (made with
+        # `init --copy-params-from`): shown by its records opening with it.
+        raise WrongPassphrase(f"{path} is the key of repository {rid}, not of {this}" + (
+            ", and no snapshot record of it opens with that key" if snaps else
+            ", and it holds no snapshot record to show that the key fits"))
+    new = keys.add_key(r.store, this, master,
                        ctx.new_passphrase(None, backend.location, "VMREPO_NEW"),
                        label or "from export")
     ctx.emit({"added": new.id}, lambda: click.echo(f"added key {new.id[:8]} from the export"))
