@@ -58,7 +58,8 @@ def _size(text: str, option: str) -> int:
 @click.option("--disk", "disks", multiple=True, metavar="NAME",
               help="Serve only this disk (repeat for several; default: every disk).")
 @click.option("--socket", "socket_path", type=click.Path(path_type=Path), metavar="PATH",
-              help="Listen on this unix socket (0600; it appears once the exports are ready).")
+              help="Listen on this unix socket (0600), made once the exports are ready (one a "
+                   "killed server left is replaced).")
 @click.option("--listen", metavar="HOST:PORT",
               help="Listen on TCP instead (NBD has no authentication: keep it on loopback).")
 @click.option("--writable", "overlay", type=click.Path(path_type=Path), metavar="DIR",
@@ -71,7 +72,7 @@ def _size(text: str, option: str) -> int:
 def serve(ctx: Context, spec: str, disks: tuple[str, ...], socket_path: Path | None,
           listen: str | None, overlay: Path | None, cache_size: str,
           read_ahead: str) -> None:
-    """Export the disks of a snapshot (VM@WHEN) over NBD until SIGINT or SIGTERM.
+    """Export the disks of a snapshot (VM@WHEN) over NBD until SIGINT, SIGTERM or SIGHUP.
 
     One export per disk, named after it: nbd+unix:///DISK?socket=PATH or
     nbd://HOST:PORT/DISK. Read-only unless --writable.
