@@ -38,7 +38,10 @@ def cache_base(env: Mapping[str, str] = os.environ) -> Path:
 
 def _usable(path: Path) -> bool:
     try:
-        path.mkdir(mode=0o700, parents=True, exist_ok=True)
+        # The base directory too is private (mkdir's parents get the umask's mode); one
+        # that exists is left as its owner made it.
+        path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+        path.mkdir(mode=0o700, exist_ok=True)
         probe = path / f".probe-{secrets.token_hex(4)}"
         probe.write_bytes(b"")
         probe.unlink()

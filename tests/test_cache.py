@@ -72,3 +72,18 @@ def test_a_replaced_record_is_read_again(tmp_path: Path) -> None:
     snap.tags = ["kept"]
     save_snapshot(repo.store, snap)
     assert Repository.open(backend).snapshots()[0].tags == ["kept"]
+
+
+def test_the_cache_directories_are_private(tmp_path: Path) -> None:
+    """The cache (``XDG_CACHE_HOME/vmrepo`` here) is made 0700, whatever the umask, and so
+    is each repository's directory in it; a directory that exists is left as it is."""
+    from vmrepo.cache import Cache
+
+    old = os.umask(0o022)
+    try:
+        cache = Cache.open("ab" * 16, {"XDG_CACHE_HOME": str(tmp_path / "xdg")})
+    finally:
+        os.umask(old)
+    assert cache.root == tmp_path / "xdg" / "vmrepo" / ("ab" * 16)
+    for path in (tmp_path / "xdg" / "vmrepo", cache.root):
+        assert path.stat().st_mode & 0o777 == 0o700, path
