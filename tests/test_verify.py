@@ -205,7 +205,8 @@ def test_a_truncated_pack(work: Path, prepared: Any) -> None:
     res = run_cli("repair", "--json", cwd=work, check=False)
     assert res.returncode == exitcodes.INTEGRITY, res.stderr
     assert json.loads(res.stdout)["still_lost"] == len(lost)
-    assert f"repair left {len(lost)} blobs lost: no usable copy (`--from REPLICA`" in res.stderr
+    assert f"repair left {len(lost)} blob{'s' if len(lost) != 1 else ''} lost: no usable copy " \
+        "(`--from REPLICA`" in res.stderr
     _repair_from_offsite(work, prepared[1])
 
 

@@ -18,7 +18,7 @@ from ..repository import Repository
 from ..retention import Policy, format_duration
 from ..snapshots import Snapshot
 from ..spec import VM_NAME_RE
-from ..units import human_bytes
+from ..units import counted, human_bytes
 from .app import Context, command, parse_wait
 
 PRUNE_SCOPE = "prune"
@@ -144,18 +144,20 @@ def prune_lines(rep: PruneReport, grace: timedelta) -> list[str]:
     if parts:
         out.append(f"{'would mark' if rep.dry_run else 'marked'} packs: {'; '.join(parts)}")
     if rep.marks_swept:
-        out.append(f"{would or 'deleted '}{'delete ' if would else ''}{rep.packs_deleted} "
-                   f"packs ({human_bytes(rep.bytes_deleted)}) that no snapshot needs"
+        out.append(f"{would or 'deleted '}{'delete ' if would else ''}"
+                   f"{counted(rep.packs_deleted, 'pack')} ({human_bytes(rep.bytes_deleted)}) "
+                   "that no snapshot needs"
                    + (f"; {rep.packs_spared} marked packs are needed again and stay"
                       if rep.packs_spared else ""))
         if rep.segments_replaced:
-            out.append(f"index: {rep.segments_replaced} segments replaced by "
+            out.append(f"index: {counted(rep.segments_replaced, 'segment')} replaced by "
                        f"{rep.segments_written}")
     for p in rep.pending:
         when = p.due.astimezone()
         wait = f" once {len(p.waiting_for)} session(s) running since before it end" \
             if p.waiting_for else ""
-        out.append(f"marked {human_bytes(p.bytes)} in {p.packs} packs (mark {p.id[:8]}): "
+        out.append(f"marked {human_bytes(p.bytes)} in {counted(p.packs, 'pack')} "
+                   f"(mark {p.id[:8]}): "
                    f"deleted by a prune after {when:%Y-%m-%d %H:%M}{wait}")
     if rep.packs_retained and rep.retained_until is not None:
         out.append(f"kept {rep.packs_retained} unneeded packs ({human_bytes(rep.bytes_retained)})"
@@ -168,7 +170,7 @@ def prune_lines(rep: PruneReport, grace: timedelta) -> list[str]:
         out.append(f"{human_bytes(rep.bytes_awaiting_release)} of hidden object versions stay "
                    f"locked; the first can go after {rep.next_release.astimezone():%Y-%m-%d %H:%M}")
     if rep.objects_extended and rep.retention_until is not None:
-        out.append(f"extended the lock of {rep.objects_extended} objects to "
+        out.append(f"extended the lock of {counted(rep.objects_extended, 'object')} to "
                    f"{rep.retention_until.astimezone():%Y-%m-%d %H:%M}")
     if rep.bytes_unused_kept:
         out.append(f"left {human_bytes(rep.bytes_unused_kept)} unused in packs below the "
@@ -223,7 +225,7 @@ def forget_lines(p: ForgetPlan, dry_run: bool) -> list[str]:
     for vm in p.unmanaged:
         out.append(f"{vm}: no keep policy (config or --keep-*): left alone")
     verb = "would remove" if dry_run else "removed"
-    out.append(f"{verb} {len(p.removed)} snapshots, kept {len(p.kept)}")
+    out.append(f"{verb} {counted(len(p.removed), 'snapshot')}, kept {len(p.kept)}")
     return out
 
 

@@ -35,8 +35,8 @@ def parse_subset(text: str) -> tuple[int, int]:
 
 
 def verify_lines(rep: VerifyReport) -> list[str]:
-    out = [f"checked {rep.snapshots} snapshots, {rep.packs} packs "
-           f"({human_bytes(rep.pack_bytes)}), {rep.blobs} blobs"]
+    out = [f"checked {counted(rep.snapshots, 'snapshot')}, {counted(rep.packs, 'pack')} "
+           f"({human_bytes(rep.pack_bytes)}), {counted(rep.blobs, 'blob')}"]
     if rep.read is not None:
         r = rep.read
         part = f" (part {r.part} of {r.parts})" if r.parts > 1 else ""
@@ -52,7 +52,7 @@ def verify_lines(rep: VerifyReport) -> list[str]:
                    f"{human_bytes(a.bytes)} in {counted(len(a.ranges), 'range')} "
                    f"(bytes {shown}{more})")
     if rep.findings:
-        out.append(f"intact: {len(rep.intact)} snapshots"
+        out.append(f"intact: {counted(len(rep.intact), 'snapshot')}"
                    + (": " + ", ".join(f"{s.vm}@{s.short_id}" for s in rep.intact[:8])
                       if rep.intact else ""))
     if rep.reclaimable_bytes:
@@ -62,8 +62,8 @@ def verify_lines(rep: VerifyReport) -> list[str]:
         out.append(f"reclaimable: {human_bytes(rep.reclaimable_bytes)} no snapshot references "
                    f"({then}`vmrepo prune` frees it)")
     if rep.condemned:
-        out.append(f"waiting for deletion: {len(rep.condemned)} packs an unfinished prune "
-                   "condemned (the next `vmrepo prune` deletes them)")
+        out.append(f"waiting for deletion: {counted(len(rep.condemned), 'pack')} an "
+                   "unfinished prune condemned (the next `vmrepo prune` deletes them)")
     out.append("damage found: `vmrepo repair` heals what it can (`--from REPO` fetches lost "
                "blobs from a replica)" if rep.findings else "no damage found")
     return out
@@ -145,26 +145,29 @@ def repair(ctx: Context, what: str, replica: str | None, read_data: bool) -> Non
             rep = repair_data(r, found, src, check)
     ctx.emit(rep.as_dict(), lambda: click.echo("\n".join(repair_lines(what, rep))))
     if rep.still_lost:
-        raise DamageFound(f"repair left {rep.still_lost} blobs lost: no usable copy"
+        raise DamageFound(f"repair left {counted(rep.still_lost, 'blob')} lost: no usable copy"
                           + ("" if replica else " (`--from REPLICA` fetches them from a copy)"))
 
 
 def repair_lines(what: str, rep: RepairReport) -> list[str]:
     out = []
     if rep.packs_indexed:
-        out.append(f"indexed {rep.packs_indexed} packs in {rep.segments_written} segments")
+        out.append(f"indexed {counted(rep.packs_indexed, 'pack')} in "
+                   f"{counted(rep.segments_written, 'segment')}")
     if what == "index" and rep.segments_deleted:
         out.append(f"deleted the {rep.segments_deleted} old index segments")
     out += [f"cannot read, left unindexed: {p}" for p in rep.packs_unreadable]
     if rep.packs_rewritten or rep.blobs_from_replica:
-        out.append(f"rewrote {rep.blobs_rewritten} blobs of {rep.packs_rewritten} damaged packs"
-                   f", fetched {rep.blobs_from_replica} from the replica, dropped "
-                   f"{rep.packs_dropped} packs")
+        out.append(f"rewrote {counted(rep.blobs_rewritten, 'blob')} of "
+                   f"{counted(rep.packs_rewritten, 'damaged pack')}, fetched "
+                   f"{rep.blobs_from_replica} from the replica, dropped "
+                   f"{counted(rep.packs_dropped, 'pack')}")
     elif rep.packs_dropped:
         out.append(f"dropped {counted(rep.packs_dropped, 'pack')} from the index (missing or "
                    "damaged)")
     if rep.still_lost:
-        out.append(f"{rep.still_lost} blobs are lost (no usable copy"
+        out.append(f"{counted(rep.still_lost, 'blob')} {'is' if rep.still_lost == 1 else 'are'}"
+                   " lost (no usable copy"
                    f"{'' if rep.blobs_from_replica else '; try --from REPLICA'})")
     out += [f"moved {k} to quarantine/ (it cannot be decoded)" for k in rep.quarantined]
     if not out:
