@@ -16,6 +16,7 @@ import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
 from types import FrameType
+from typing import NoReturn
 
 SIGNALS = (signal.SIGINT, signal.SIGTERM)
 
@@ -39,6 +40,11 @@ def _note_into(came: list[str]) -> Handlers:
 def _restore(previous: Handlers) -> None:
     for s, handler in previous.items():
         signal.signal(s, handler)  # type: ignore[arg-type]
+
+
+def raise_interrupt(signum: int, frame: FrameType | None) -> NoReturn:
+    """A signal handler: SIGTERM (or another) stops a command as Ctrl-C does."""
+    raise KeyboardInterrupt(signal.Signals(signum).name)
 
 
 def _main_thread() -> bool:

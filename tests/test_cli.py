@@ -262,20 +262,26 @@ def test_help_lists_every_command_and_a_command_loads_only_its_module(tmp_path: 
     assert "restore_cmds" not in loaded and "serve_cmds" not in loaded, loaded
 
 
-def test_ctrl_c_while_the_program_loads_is_one_line(tmp_path: Path) -> None:
-    """A Ctrl-C that lands while the modules are still imported (made certain here by an
-    import that raises it) ends with the usual line and exit code, not a traceback."""
-    probe = ("import builtins\nreal = builtins.__import__\n"
+@pytest.mark.parametrize(("arrives", "name"), [
+    ("raise KeyboardInterrupt", "SIGINT"),
+    ("os.kill(os.getpid(), signal.SIGTERM)", "SIGTERM"),
+])
+def test_a_signal_while_the_program_loads_is_one_line(tmp_path: Path, arrives: str,
+                                                      name: str) -> None:
+    """A Ctrl-C or SIGTERM that lands while the modules are still imported (made certain
+    here by an import that raises or sends it) ends with the usual line and exit code, not
+    a traceback or death by the signal."""
+    probe = ("import builtins, os, signal\nreal = builtins.__import__\n"
              "def imp(name, *a, **k):\n"
              "    if name == 'app' or name.endswith('cli.app'):\n"
-             "        raise KeyboardInterrupt\n"
+             f"        {arrives}\n"
              "    return real(name, *a, **k)\n"
              "builtins.__import__ = imp\n"
              "from vmrepo.cli import main\nmain(['snapshots'])\n")
     res = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True,
                          cwd=tmp_path)
     assert res.returncode == exitcodes.INTERRUPTED
-    assert res.stderr == "vmrepo: error: interrupted by SIGINT\n"
+    assert res.stderr == f"vmrepo: error: interrupted by {name}\n"
 
 
 def test_the_builtin_plugins_are_the_declared_entry_points() -> None:

@@ -18,19 +18,23 @@ A command's module is imported when the command runs (``app.COMMANDS``).
 
 from __future__ import annotations
 
+import signal
 import sys
 from typing import Any, NoReturn
 
-from ..exitcodes import INTERRUPTED
+from ..interrupts import raise_interrupt
 
 
 def main(argv: list[str] | None = None) -> NoReturn:
-    """Entry point (``app.main``); a Ctrl-C while the program still loads is the same one
-    line and exit code as later, not a traceback."""
+    """Entry point (``app.main``); a Ctrl-C or SIGTERM while the program still loads is the
+    same one line and exit code as later, not a traceback or death by the signal."""
+    signal.signal(signal.SIGTERM, raise_interrupt)
     try:
         from .app import main as run
-    except KeyboardInterrupt:
-        sys.stderr.write("vmrepo: error: interrupted by SIGINT\n")
+    except KeyboardInterrupt as exc:
+        from ..exitcodes import INTERRUPTED
+
+        sys.stderr.write(f"vmrepo: error: interrupted by {str(exc) or 'SIGINT'}\n")
         sys.exit(INTERRUPTED)
     run(argv)
 

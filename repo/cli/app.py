@@ -31,6 +31,7 @@ from vmrepo.storage.errors import StoragePermission
 
 from .. import __version__, exitcodes, logs
 from ..errors import ConfigError, Interrupted, NoPassphrase, RepositoryLocked, RepositoryNotFound
+from ..interrupts import raise_interrupt
 from ..keys import passphrase_from_env
 from ..locks import REPOSITORY, RepoLock, acquire
 from ..memtune import limit_malloc_arenas, tune_malloc
@@ -345,10 +346,6 @@ def command(name: str | None = None, **attrs: Any) -> Callable[[F], F]:
     return deco
 
 
-def _raise_interrupt(signum: int, frame: Any) -> NoReturn:
-    raise KeyboardInterrupt(signal.Signals(signum).name)
-
-
 def _fail(code: int, message: str, exc: BaseException | None = None) -> NoReturn:
     click.echo(f"vmrepo: error: {message}", err=True)
     if (_current.as_json or "--json" in sys.argv[1:]) and not getattr(exc, "emitted", False):
@@ -364,7 +361,7 @@ def _fail(code: int, message: str, exc: BaseException | None = None) -> NoReturn
 
 def main(argv: list[str] | None = None) -> NoReturn:
     """Entry point: run the CLI and turn errors into one line and an exit code."""
-    signal.signal(signal.SIGTERM, _raise_interrupt)
+    signal.signal(signal.SIGTERM, raise_interrupt)
     tune_malloc()
     limit_malloc_arenas(2)  # one arena per thread would each keep freed chunk buffers
     logs.setup(0)
