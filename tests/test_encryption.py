@@ -167,6 +167,10 @@ def test_keys_added_listed_replaced_removed_and_exported(work: Path) -> None:
     words = export.stdout.split()
     words[3] = "1" + words[3][1:]
     (work / "typo").write_text(" ".join(words) + "\n")
+    misplaced = run_cli("key", "passwd", "--from-export", str(work / "paper"), cwd=work,
+                        check=False)
+    assert misplaced.returncode == exitcodes.USAGE
+    assert "--from-export goes with `key add`, not `key passwd`" in misplaced.stderr
     typo = run_cli("key", "add", "--from-export", str(work / "typo"), cwd=work, check=False)
     assert typo.returncode == exitcodes.WRONG_PASSPHRASE and "base32" in typo.stderr
     (work / "pass").write_text("\n")

@@ -39,6 +39,8 @@ def key(ctx: Context, action: str, key_id: str | None, label: str,
         raise click.UsageError(f"`key {action}` takes no ID")
     if action == "remove" and key_id is None:
         raise click.UsageError("`key remove` needs the ID of the key (see `vmrepo key list`)")
+    if from_export is not None and action != "add":
+        raise click.UsageError(f"--from-export goes with `key add`, not `key {action}`")
     if action == "add" and from_export is not None:
         _add_from_export(ctx, from_export, label)
         return
