@@ -30,7 +30,7 @@ from vmrepo.sources.nbd.qemunbd import QemuNbd
 from .errors import IntegrityError, OutputError, RestoreError
 from .format import ZERO_ID
 from .logs import ignored
-from .manifest import Manifest, iter_chunks, split_page
+from .manifest import Manifest, split_page
 from .output import (
     PARTIAL,
     NbdTarget,
@@ -80,6 +80,23 @@ def disk_chunks(repo: Repository, manifest: Manifest, stats: RestoreStats,
             yield first + slot, cid
 
 
+def disk_manifest(repo: Repository, disk: DiskRecord, stats: RestoreStats,
+                  allow_damaged: bool = False) -> tuple[Manifest, Iterator[tuple[int, bytes]]]:
+    """The manifest of ``disk`` and its chunks (:func:`disk_chunks`). A root that cannot be
+    read stops the restore naming the whole disk, or with ``allow_damaged`` makes every
+    chunk a zero chunk and records the whole disk as damaged."""
+    try:
+        manifest = repo.manifest(disk.root)
+    except IntegrityError as exc:
+        if not allow_damaged:
+            raise unrestorable(f"the manifest of disk {disk.name} is lost ({exc})", 0,
+                               disk.size) from None
+        stats.damaged.append((0, disk.size))
+        manifest = Manifest(disk.size, repo.config.chunk_size, repo.config.page_entries, ())
+        return manifest, ((i, ZERO_ID) for i in range(manifest.chunks))
+    return manifest, disk_chunks(repo, manifest, stats, allow_damaged)
+
+
 def unrestorable(exc: IntegrityError | str, start: int, end: int) -> IntegrityError:
     key = exc.key if isinstance(exc, IntegrityError) else None
     return IntegrityError(f"{exc}: bytes {start}-{end} of the disk cannot be restored "
@@ -100,10 +117,11 @@ def run_tool(cmd: list[str], what: str) -> str:
     return res.stdout
 
 
-def data_bytes(repo: Repository, manifest: Manifest) -> int:
-    """How many bytes of the disk are not all-zero chunks (what a restore reads)."""
-    return sum(manifest.chunk_length(i) for i, cid in
-               iter_chunks(manifest, lambda n: repo.page(manifest, n)) if cid != ZERO_ID)
+def data_bytes(repo: Repository, disk: DiskRecord, allow_damaged: bool = False) -> int:
+    """How many bytes of the disk are not all-zero chunks (what a restore reads); damage
+    as :func:`disk_manifest` has it."""
+    manifest, chunks = disk_manifest(repo, disk, RestoreStats(), allow_damaged)
+    return sum(manifest.chunk_length(i) for i, cid in chunks if cid != ZERO_ID)
 
 
 def write_disk(repo: Repository, manifest: Manifest, target: Target,
@@ -172,12 +190,12 @@ def restore_raw(repo: Repository, disk: DiskRecord, out: Path, *, force: bool = 
                 discard: bool = False, allow_damaged: bool = False) -> RestoreStats:
     """Write ``disk`` as a raw image at ``out``: a new sparse file (durable before it gets its
     name, with ``sync``) or, in place, a block device."""
-    manifest = repo.manifest(disk.root)
     stats = RestoreStats()
+    manifest, chunks = disk_manifest(repo, disk, stats, allow_damaged)
     target = open_file_or_device(out, manifest.size, force=force, discard=discard, sync=sync)
     try:
-        write_disk(repo, manifest, target, disk_chunks(repo, manifest, stats, allow_damaged),
-                   stats, progress, workers, check, allow_damaged)
+        write_disk(repo, manifest, target, chunks, stats, progress, workers, check,
+                   allow_damaged)
         target.finish()
     except BaseException:
         target.abort()
@@ -245,16 +263,16 @@ def restore_qcow2(repo: Repository, disk: DiskRecord, out: Path, *, force: bool 
                   check: Callable[[], None] | None = None,
                   allow_damaged: bool = False) -> RestoreStats:
     """Write ``disk`` as a new qcow2 image at ``out``."""
-    manifest = repo.manifest(disk.root)
+    stats = RestoreStats()
+    manifest, chunks = disk_manifest(repo, disk, stats, allow_damaged)
     check_new_file(out, force)
     remove_leftovers(out)
     image = _NewImage(out, ["qemu-img", "create", "-q", "-f", "qcow2", "-o",
                             f"size={manifest.size}"])
-    stats = RestoreStats()
     try:
         target = image.target(zero_filled=True)
-        write_disk(repo, manifest, target, disk_chunks(repo, manifest, stats, allow_damaged),
-                   stats, progress, workers, check, allow_damaged)
+        write_disk(repo, manifest, target, chunks, stats, progress, workers, check,
+                   allow_damaged)
         target.finish()
         image.finish()
     except BaseException:

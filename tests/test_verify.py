@@ -336,6 +336,33 @@ def test_restore_stops_naming_the_range_or_salvages_the_rest(work: Path,
     for start, end in ranges:
         want[start:end] = bytes(end - start)
     assert out.read_bytes() == bytes(want)
+    # The same for people (with the progress's count of what is to read).
+    res = run_cli("restore", f"{vm}@{sid[:8]}", "--disk", disk, "-o", str(out), "--force",
+                  "--allow-damaged", cwd=work, check=False)
+    assert res.returncode == exitcodes.INCOMPLETE, res.stderr
+    assert f"damaged, written as zeros: bytes {ranges[0][0]}-{ranges[0][1]}" in res.stdout
+    assert out.read_bytes() == bytes(want)
+
+
+def test_a_lost_manifest_root_names_the_whole_disk_or_salvages_zeros(work: Path,
+                                                                     prepared: Any) -> None:
+    bid, path, offset, length = _chunk_location(work, BlobType.ROOT)
+    _flip(path, offset + length // 2)
+    sid, disk = next((s.id, d) for s in _open(work).snapshots() for d in s.disks
+                     if d.root == bid)
+    vm, out = prepared[2][sid], work / "salvaged.raw"
+    args = ("restore", f"{vm}@{sid[:8]}", "--disk", disk.name, "-o", str(out))
+    res = run_cli(*args, cwd=work, check=False)
+    assert res.returncode == exitcodes.INTEGRITY and not out.exists()
+    assert f"the manifest of disk {disk.name} is lost" in res.stderr
+    assert f"bytes 0-{disk.size} of the disk cannot be restored" in res.stderr
+    res = run_cli(*args, "--json", "--allow-damaged", cwd=work, check=False)
+    assert res.returncode == exitcodes.INCOMPLETE, res.stderr
+    assert json.loads(res.stdout)["disks"][0]["damaged"] == [[0, disk.size]]
+    assert out.read_bytes() == bytes(disk.size)
+    res = run_cli(*args, "--allow-damaged", "--force", cwd=work, check=False)
+    assert res.returncode == exitcodes.INCOMPLETE, res.stderr
+    assert f"damaged, written as zeros: bytes 0-{disk.size}" in res.stdout
 
 
 # -- partial reads --------------------------------------------------------------------

@@ -93,17 +93,17 @@ def restore(ctx: Context, spec: str, output: Path, disk: str | None, fmt: str,
         check = lock.check if lock is not None else None
         plans: list[tuple[DiskRecord, DiskRecord | None, int]] = []
         for d in disks:
-            manifest = r.manifest(d.root)
             if old is not None:
                 since_disk = old.disk(d.name)
                 if since_disk is None:
                     raise RestoreError(f"{since} has no disk {d.name}")
-                base = r.manifest(since_disk.root)
+                manifest, base = r.manifest(d.root), r.manifest(since_disk.root)
                 todo = sum(manifest.chunk_length(i) for i, cid in
                            changed_chunks(r, manifest, base) if cid != ZERO_ID)
                 plans.append((d, since_disk, todo))
             else:
-                plans.append((d, None, data_bytes(r, manifest) if ctx.show_progress() else 0))
+                plans.append((d, None, data_bytes(r, d, allow_damaged)
+                              if ctx.show_progress() else 0))
         total = sum(t for _, _, t in plans)
         with progress_bar(total, f"restore {snap.vm}", ctx.show_progress()) as advance:
             for d, since_disk, _ in plans:
