@@ -111,7 +111,8 @@ def add_key(store: RepoStore, repository_id: str, master: MasterKey, passphrase:
     salt = secrets.token_bytes(16)
     kek = _kek(passphrase, salt, SCRYPT_N, SCRYPT_R, SCRYPT_P)
     sealed = ChaCha20Poly1305(kek).encrypt(_NONCE, master.raw(), _aad(repository_id))
-    info = KeyInfo(secrets.token_hex(16), datetime.now(UTC).isoformat(timespec="seconds"),
+    # Microseconds: keys added within one second still list in the order they were added.
+    info = KeyInfo(secrets.token_hex(16), datetime.now(UTC).isoformat(timespec="microseconds"),
                    socket.gethostname(), label)
     store.put_record(RecordKind.KEY, key_key(info.id), {
         "v": KEY_VERSION, "id": info.id, "created": info.created, "host": info.host,
@@ -143,7 +144,16 @@ def _records(store: RepoStore) -> list[tuple[KeyInfo, dict[str, Any]]]:
 
 
 def list_keys(store: RepoStore) -> list[KeyInfo]:
-    return sorted((info for info, _ in _records(store)), key=lambda i: i.created)
+    return sorted((info for info, _ in _records(store)), key=lambda i: (_when(i.created), i.id))
+
+
+def _when(created: str) -> datetime:
+    """A key record's time, for ordering (records of older writers hold whole seconds)."""
+    try:
+        when = datetime.fromisoformat(created)
+    except ValueError:
+        return datetime.min.replace(tzinfo=UTC)
+    return when if when.tzinfo else when.replace(tzinfo=UTC)
 
 
 def unlock(store: RepoStore, repository_id: str, passphrase: str) -> tuple[MasterKey, KeyInfo]:

@@ -282,3 +282,40 @@ def test_two_writers_into_one_encrypted_bucket(tmp_path: Path, s3_bucket: str,  
         out = tmp_path / f"{vm}.out"
         run_cli("restore", f"{vm}@latest", "--disk", "disk0", "-o", str(out), cwd=tmp_path)
         assert out.read_bytes() == (tmp_path / f"{name}.raw").read_bytes()
+
+
+def test_keys_list_in_the_order_they_were_added(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Within one second too (the records hold microseconds); records of older writers,
+    in whole seconds, sort by their time as well."""
+    from collections.abc import Iterator
+    from datetime import UTC, datetime, timedelta, tzinfo
+
+    from vmrepo import keys
+    from vmrepo.codec import Codec, RecordKind
+    from vmrepo.format import Hasher, key_key
+    from vmrepo.keys import MasterKey, add_key, list_keys
+    from vmrepo.storage.base import BackendWrapper, ObjectInfo
+    from vmrepo.storage.memory import MemoryBackend
+    from vmrepo.store import RepoStore
+
+    ticks = iter(range(100))
+
+    class OneSecond(datetime):  # every key is added within the same second
+        @classmethod
+        def now(cls, tz: tzinfo | None = None) -> OneSecond:  # type: ignore[override]
+            t = datetime(2026, 1, 1, tzinfo=UTC) + timedelta(microseconds=next(ticks))
+            return cls.fromtimestamp(t.timestamp(), tz)
+
+    class NewestFirst(BackendWrapper):  # a store that lists the newest object first
+        def list(self, prefix: str = "") -> Iterator[ObjectInfo]:
+            return reversed(list(self.inner.list(prefix)))
+
+    monkeypatch.setattr(keys, "datetime", OneSecond)
+    store = RepoStore(NewestFirst(MemoryBackend()), Codec(), Hasher(b"k" * 32))
+    master = MasterKey.new()
+    added = [add_key(store, "r" * 32, master, f"pass {i}", f"k{i}").id for i in range(4)]
+    old = {"v": 1, "id": "0" * 32, "created": "2020-01-01T00:00:00+00:00", "host": "h",
+           "label": "old", "kdf": {"algorithm": "scrypt", "n": 2, "r": 1, "p": 1,
+                                   "salt": bytes(16)}, "sealed": bytes(80)}
+    store.put_record(RecordKind.KEY, key_key(old["id"]), old)
+    assert [k.id for k in list_keys(store)] == [old["id"], *added]

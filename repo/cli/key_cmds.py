@@ -51,7 +51,7 @@ def key(ctx: Context, action: str, key_id: str | None, label: str,
         infos = keys.list_keys(store)
         ctx.emit({"keys": [{**k.__dict__, "current": k.id == used.id} for k in infos]},
                  lambda: click.echo("\n".join(
-                     f"{'*' if k.id == used.id else ' '} {k.id[:8]}  {k.created}  {k.host}  "
+                     f"{'*' if k.id == used.id else ' '} {k.id[:8]}  {k.created[:19]}  {k.host}  "
                      f"{k.label or '-'}" for k in infos)))
     elif action in ("add", "passwd"):
         new = keys.add_key(store, rid, r.master,
