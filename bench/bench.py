@@ -18,8 +18,8 @@ third holes) as a raw file and as the qcow2 disk of a paused QEMU VM, then:
 and prints one markdown table with throughput, bytes read and stored, peak
 memory, CPU time (QEMU's too) and the ratios against borg and restic, then the
 targets (each ratio, met or missed), the least time each timed target's CPU
-work allows with every core busy, and the cost of encryption. A run that leaves out no path
-writes the same into docs/benchmarks.md, between the markers
+work allows with every core busy, and the cost of encryption. A run that
+leaves out no path writes the same into docs/benchmarks.md, between the markers
 ``<!-- bench.py: begin -->`` and ``<!-- bench.py: end -->`` (``--docs PATH``
 elsewhere, ``--no-docs`` not at all; ``--quick`` writes only with ``--docs``).
 
@@ -188,6 +188,7 @@ class Bench:
     def backup(self, path: str, phase: str) -> Result:
         before = dir_size(self.repo(path))
         os.sync()  # nobody pays for another's write-back
+        qemu_cpu = 0.0
         if path == "borg":
             m = run_measured(["borg", "create", "--compression", "zstd,3", f"::{phase}",
                               self.raw.name], env=self.env(path), cwd=self.work)
@@ -195,14 +196,12 @@ class Bench:
             m = run_measured(["restic", "backup", "-q", "--compression", "auto",
                               self.raw.name], env=self.env(path), cwd=self.work)
         else:
-            qemu = self.vm if path in QEMU_PATHS else None
-            q0 = qemu.cpu_seconds() if qemu else 0.0
+            vm = self.vm if path in QEMU_PATHS else None
+            q0 = vm.cpu_seconds() if vm else 0.0
             m = run_measured(self._vmrepo(path, "snapshot", path, "--json"),
                              env=self.env(path))
-            q1 = qemu.cpu_seconds() if qemu else 0.0
-        r = Result(path, phase, m, dir_size(self.repo(path)) - before)
-        if path in QEMU_PATHS:
-            r.qemu_cpu = q1 - q0
+            qemu_cpu = vm.cpu_seconds() - q0 if vm else 0.0
+        r = Result(path, phase, m, dir_size(self.repo(path)) - before, qemu_cpu=qemu_cpu)
         if path in VMREPO_PATHS:
             doc = json.loads(m.stdout)
             tot = doc["totals"]
@@ -387,8 +386,12 @@ def targets_table(ts: list[Target]) -> str:
 
 def cpu_bounds(ts: list[Target]) -> str | None:
     """For each target on time: the least time its CPU work allows beside the goal's."""
-    parts = [f"{x.what.split(': ')[0]}: {least:.2f} s against {allowed:.2f} s (took "
-             f"{took:.2f} s)" for x in ts if x.timing for took, allowed, least in [x.timing]]
+    parts = []
+    for x in ts:
+        if x.timing is not None:
+            took, allowed, least = x.timing
+            parts.append(f"{x.what.split(': ')[0]}: {least:.2f} s against {allowed:.2f} s "
+                         f"(took {took:.2f} s)")
     if not parts:
         return None
     return (f"Least time with all {CORES} cores busy throughout (a run's CPU seconds, the "

@@ -4,8 +4,8 @@
 
     StorageError
      ├── InvalidKey          a key outside the allowed alphabet or shape
- ├── InvalidLocation     a URL or storage setting that names no usable store
- │    └── InvalidSetting a storage setting's value is unusable (names the setting)
+     ├── InvalidLocation     a URL or storage setting that names no usable store
+     │    └── InvalidSetting a storage setting's value is unusable (names the setting)
      ├── ObjectNotFound      get/stat/delete of a key that does not exist
      ├── ObjectExists        create of a key that exists
      ├── StoragePermission   the backend refused access (permissions, read-only medium)

@@ -160,8 +160,8 @@ class S3Backend(Backend):
         if not _BUCKET_RE.fullmatch(bucket):
             raise StorageError(f"invalid S3 bucket name {bucket!r}")
         if checksum not in CHECKSUMS:
-            raise InvalidSetting(f'checksum must be "crc32" or "md5", not {checksum!r}',
-                                 "checksum")
+            names = " or ".join(f'"{c}"' for c in CHECKSUMS)
+            raise InvalidSetting(f"checksum must be {names}, not {checksum!r}", "checksum")
         self.checksum = checksum
         self.bucket = bucket
         self.prefix = prefix.strip("/")

@@ -47,17 +47,12 @@ def _unknown_top_key(work: Path) -> list[str]:
     return ["snapshots", "--config", str(work / "top.toml")]
 
 
-def _remote_key_typo(work: Path) -> list[str]:
-    (work / "remote.toml").write_text('repository = "repo"\n[remote.off]\n'
-                                      'repository = "off"\nretres = 2\n')
-    return ["copy", "--to", "off", "--config", str(work / "remote.toml")]
-
-
-def _s3_remote(setting: str) -> Case:
+def _remote(location: str, setting: str) -> Case:
+    """A copy to ``[remote.off]`` at ``location``, with ``setting`` in its table."""
     def setup(work: Path) -> list[str]:
-        (work / "s3remote.toml").write_text(f'repository = "repo"\n[remote.off]\n'
-                                            f'repository = "s3://bucket/p"\n{setting}\n')
-        return ["copy", "--to", "off", "--config", str(work / "s3remote.toml")]
+        (work / "remote.toml").write_text(f'repository = "repo"\n[remote.off]\n'
+                                          f'repository = "{location}"\n{setting}\n')
+        return ["copy", "--to", "off", "--config", str(work / "remote.toml")]
     return setup
 
 
@@ -93,11 +88,12 @@ CASES: list[tuple[str, Case, int, str]] = [
     ("non-UTF-8 config", _bad_config, exitcodes.CONFIG, "is not UTF-8 text"),
     ("unknown top-level key", _unknown_top_key, exitcodes.CONFIG,
      "unknown key 'repositry'; did you mean 'repository'?"),
-    ("misspelt key of a remote", _remote_key_typo, exitcodes.CONFIG,
+    ("misspelt key of a remote", _remote("off", "retres = 2"), exitcodes.CONFIG,
      "[remote.off] for file://: unknown key 'retres'; did you mean 'retries'?"),
-    ("S3 endpoint that is no URL", _s3_remote('endpoint = "notaurl"'), exitcodes.CONFIG,
+    ("S3 endpoint that is no URL", _remote("s3://bucket/p", 'endpoint = "notaurl"'),
+     exitcodes.CONFIG,
      "[remote.off] endpoint must be an http:// or https:// URL, not 'notaurl'"),
-    ("S3 setting out of range", _s3_remote("concurrency = 0"), exitcodes.CONFIG,
+    ("S3 setting out of range", _remote("s3://bucket/p", "concurrency = 0"), exitcodes.CONFIG,
      "[remote.off] concurrency must be positive, not 0"),
     ("disk for disks", lambda w: ["snapshot", "typo"], exitcodes.CONFIG,
      "[vm.typo]: unknown key 'disk'; did you mean 'disks'?"),
