@@ -26,6 +26,7 @@ from .errors import DiskUnreadable, SourceConfigError
 from .nbd.client import NbdClient
 from .nbd.qemunbd import QemuNbd
 from .nbdread import ALLOCATION, ReadCounters, read_disk, source_errors
+from .readorder import in_turns, split_point
 
 #: Upper bound of one read; reads are aligned to the chunk size.
 READ_BLOCK = 4 << 20
@@ -36,12 +37,12 @@ DISK_NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
 _FORMAT_MAGIC = (b"QFI\xfb", b"KDMV", b"conectix", b"vhdxfile", b"QED\x00", b"<<< ")
 
 
-def data_ranges(fd: int, size: int) -> Iterator[tuple[int, int, bool]]:
-    """Yield ``(offset, length, is_data)`` covering ``[0, size)`` of an open file.
+def data_ranges(fd: int, size: int, start: int = 0) -> Iterator[tuple[int, int, bool]]:
+    """Yield ``(offset, length, is_data)`` covering ``[start, size)`` of an open file.
 
     Falls back to one data range when the file system cannot report holes.
     """
-    pos = 0
+    pos = start
     while pos < size:
         try:
             data = os.lseek(fd, pos, os.SEEK_DATA)
@@ -101,29 +102,42 @@ class FileDisk(DiskStream):
             return self.size
 
     def extents(self) -> Iterator[Extent]:
+        fds = [self._fd]
         try:
-            for offset, length, is_data in data_ranges(self._fd, self.size):
-                if not is_data:
+            data = self.work_bytes()
+            split = split_point(data_ranges(self._fd, self.size), data)
+            # The second half has a descriptor of its own: the kernel's read-ahead
+            # follows each descriptor's sequential reads.
+            fds.append(os.open(self.path, os.O_RDONLY | os.O_CLOEXEC | os.O_NONBLOCK))
+            halves = in_turns(data_ranges(fds[0], split), data_ranges(fds[1], self.size, split))
+            for half, (offset, length, is_data) in halves:
+                if is_data:
+                    yield from self._read(fds[half], offset, length)
+                else:
                     self.hole_bytes += length
                     yield Extent(offset, length, None)
-                    continue
-                end = offset + length
-                pos = offset
-                while pos < end:
-                    # Stop at the next block boundary so pieces stay chunk-aligned.
-                    n = min(end, (pos // self._block + 1) * self._block) - pos
-                    data = os.pread(self._fd, n, pos)
-                    if len(data) != n:
-                        raise DiskUnreadable(
-                            f"disk {self.name}: {self.path} shrank while being read", self.name
-                        )
-                    self.bytes_read += n
-                    yield Extent(pos, n, data)
-                    pos += n
         except OSError as exc:
             raise DiskUnreadable(
                 f"disk {self.name}: read error on {self.path}: {exc.strerror}", self.name
             ) from exc
+        finally:
+            for fd in fds[1:]:
+                os.close(fd)
+
+    def _read(self, fd: int, offset: int, length: int) -> Iterator[Extent]:
+        end = offset + length
+        pos = offset
+        while pos < end:
+            # Stop at the next block boundary so pieces stay chunk-aligned.
+            n = min(end, (pos // self._block + 1) * self._block) - pos
+            data = os.pread(fd, n, pos)
+            if len(data) != n:
+                raise DiskUnreadable(
+                    f"disk {self.name}: {self.path} shrank while being read", self.name
+                )
+            self.bytes_read += n
+            yield Extent(pos, n, data)
+            pos += n
 
     def report(self) -> dict[str, Any]:
         return {"path": self.path, "bytes_read": self.bytes_read, "hole_bytes": self.hole_bytes}

@@ -9,6 +9,7 @@ flight. A dirty range that reads as zeros is therefore recorded as zeros.
 from __future__ import annotations
 
 import contextlib
+from collections import deque
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 
@@ -16,11 +17,14 @@ from .base import Extent
 from .errors import DiskUnreadable, SourceUnavailable
 from .nbd.client import NbdClient, merge_extents
 from .nbd.errors import NbdConnectError, NbdError
+from .readorder import Range, clip, in_turns, split_point
 
 ALLOCATION = "base:allocation"
 STATE_HOLE = 1
 STATE_ZERO = 2
 DIRTY = 1
+#: Beyond the end of any disk.
+END = 1 << 63
 
 
 def bitmap_context(name: str) -> str:
@@ -54,18 +58,32 @@ def dirty_ranges(client: NbdClient, context: str) -> list[tuple[int, int]]:
 
 def read_disk(client: NbdClient, ranges: Iterable[tuple[int, int]], counters: ReadCounters,
               check: Callable[[], None] | None = None, depth: int = 4) -> Iterator[Extent]:
-    """Yield the extents of ``ranges``: zero extents where the export reads as zeros."""
+    """Yield the extents of ``ranges``: zero extents where the export reads as zeros.
+
+    The data is read in the order of :mod:`.readorder` (the two halves in turns).
+    """
+    found: list[Range] = []
     for off, n in ranges:
-        reads: list[tuple[int, int]] = []
-        for e in merge_extents(client.block_status(ALLOCATION, off, n)):
-            if e.flags & STATE_ZERO:
-                counters.bytes_zero += e.length
-                yield Extent(e.offset, e.length, None)
+        found.extend((e.offset, e.length, not e.flags & STATE_ZERO)
+                     for e in merge_extents(client.block_status(ALLOCATION, off, n)))
+    split = split_point(found, sum(n for _, n, is_data in found if is_data))
+    zeros: deque[Extent] = deque()
+
+    def reads() -> Iterator[tuple[int, int]]:
+        for _, (off, n, is_data) in in_turns(clip(found, 0, split), clip(found, split, END)):
+            if is_data:
+                yield off, n
             else:
-                reads.append((e.offset, e.length))
-        for roff, buf, _holes in client.read_ranges(reads, depth=depth):
-            if check is not None:
-                check()
-            counters.bytes_read += len(buf)
-            counters.reads += 1
-            yield Extent(roff, len(buf), buf)
+                counters.bytes_zero += n
+                zeros.append(Extent(off, n, None))
+
+    for roff, buf, _holes in client.read_ranges(reads(), depth=depth):
+        while zeros:
+            yield zeros.popleft()
+        if check is not None:
+            check()
+        counters.bytes_read += len(buf)
+        counters.reads += 1
+        yield Extent(roff, len(buf), buf)
+    while zeros:
+        yield zeros.popleft()

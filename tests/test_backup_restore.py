@@ -18,6 +18,7 @@ from vmrepo.manifest import iter_chunks
 from vmrepo.repository import Repository
 from vmrepo.restore import changed_chunks, restore_raw
 from vmrepo.snapshots import Snapshot
+from vmrepo.sources import readorder
 from vmrepo.sources.base import Extent
 from vmrepo.sources.errors import SourceError
 from vmrepo.sources.file import FileSource
@@ -73,9 +74,11 @@ def build_image(path: Path, seed: int, runs: list[tuple[str, int]]) -> bytes:
 
 @settings(max_examples=25, deadline=None,
           suppress_health_check=[HealthCheck.function_scoped_fixture])
-@given(images())
-def test_restore_is_byte_identical(tmp_path: Path, case: tuple[int, list]) -> None:
+@given(images(), st.sampled_from([CS, 2 * CS, readorder.TURN]))
+def test_restore_is_byte_identical(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                   case: tuple[int, list], turn: int) -> None:
     seed, runs = case
+    monkeypatch.setattr(readorder, "TURN", turn)  # small turns: both halves read in turns
     repo = Repository.init(MemoryBackend(), RepoConfig.new(chunk_size=CS, pack_size=256 << 10))
     image = build_image(tmp_path / f"img{seed}", seed, runs)
     snap = snapshot_file(repo, tmp_path / f"img{seed}")
