@@ -238,6 +238,9 @@ def test_shut_off_domain_then_crash_fallbacks(web: Domain) -> None:
                for d in crashed["disks"]), crashed["disks"]
     assert "warning: disk vda: full instead of incremental" in res.stderr
     assert_restores(web, crashed, references(web, "crashed"))
+    # Listed as what they are, not as merely disabled.
+    listing = run_cli("bitmaps", "web", cwd=web.workdir).stdout
+    assert "has no bitmap in the image" in listing and "disabled" not in listing, listing
     web.start()
     again = run_json("snapshot", "web", cwd=web.workdir)
     assert taken(again) == {"vda": "full", "vdb": "full"}

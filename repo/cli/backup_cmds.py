@@ -198,8 +198,11 @@ def bitmaps(ctx: Context, vm: str, remove: bool, all_repositories: bool) -> None
             return
         verb = "removed " if remove else ""
         for b in rows:
-            state = ",".join(k for k in ("recording", "busy", "inconsistent", "temporary")
-                             if b.get(k)) or "disabled"
+            # A source that can tell why a bitmap is unusable (missing from a shut-off
+            # domain's image, inconsistent) says so; else its flags, none: disabled.
+            state = b.get("problem") or ",".join(
+                k for k in ("recording", "busy", "inconsistent", "temporary") if b.get(k)
+            ) or "disabled"
             owner = "this repository" if b["this_repository"] else "other repository"
             click.echo(f"{verb}{b['node']:10} {b['name']}  {owner}  {state}  "
                        f"{human_bytes(b['dirty_bytes'])} dirty")
