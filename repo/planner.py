@@ -42,8 +42,10 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 T = TypeVar("T")
 
-#: Wanted blobs planned together (grouping by pack happens within a window).
-WINDOW = 4096
+#: Wanted blobs planned together (grouping by pack happens within a window): 4 GiB of
+#: 256 KiB chunks, so that the packs of a disk read in two halves in turns (each pack
+#: holding pieces of both) are read once each, up to 4 GiB of data (a few MiB of memory).
+WINDOW = 16384
 
 
 @dataclass
