@@ -81,19 +81,35 @@ class FileDisk(DiskStream):
         except OSError as exc:
             raise DiskUnreadable(f"disk {name}: cannot open {path}: {exc.strerror}", name) from exc
         try:
-            st = os.fstat(self._fd)
-            if stat.S_ISBLK(st.st_mode):
-                self.size = os.lseek(self._fd, 0, os.SEEK_END)
-            elif stat.S_ISREG(st.st_mode):
-                self.size = st.st_size
-            else:
-                raise DiskUnreadable(f"disk {name}: {path} is not a file or block device", name)
+            self.size = self._current_size(self._fd)
         except OSError as exc:
             self.close()
             raise DiskUnreadable(f"disk {name}: cannot read {path}: {exc.strerror}", name) from exc
         except DiskUnreadable:
             self.close()
             raise
+
+    def _current_size(self, fd: int) -> int:
+        st = os.fstat(fd)
+        if stat.S_ISBLK(st.st_mode):
+            return os.lseek(fd, 0, os.SEEK_END)
+        if stat.S_ISREG(st.st_mode):
+            return st.st_size
+        raise DiskUnreadable(f"disk {self.name}: {self.path} is not a file or block device",
+                             self.name)
+
+    def _reopen(self) -> int:
+        """Another descriptor of the file opened at the start (not of whatever the path
+        names by now): the same file, with a read-ahead of its own."""
+        try:
+            fd = os.open(f"/proc/self/fd/{self._fd}", os.O_RDONLY | os.O_CLOEXEC | os.O_NONBLOCK)
+        except OSError:
+            return os.dup(self._fd)  # no /proc: the same file, sharing its read-ahead
+        a, b = os.fstat(self._fd), os.fstat(fd)
+        if (a.st_dev, a.st_ino, a.st_rdev) != (b.st_dev, b.st_ino, b.st_rdev):
+            os.close(fd)
+            return os.dup(self._fd)
+        return fd
 
     def work_bytes(self) -> int:
         try:
@@ -106,9 +122,7 @@ class FileDisk(DiskStream):
         try:
             data = self.work_bytes()
             split = split_point(data_ranges(self._fd, self.size), data)
-            # The second half has a descriptor of its own: the kernel's read-ahead
-            # follows each descriptor's sequential reads.
-            fds.append(os.open(self.path, os.O_RDONLY | os.O_CLOEXEC | os.O_NONBLOCK))
+            fds.append(self._reopen())  # the second half's
             halves = in_turns(data_ranges(fds[0], split), data_ranges(fds[1], self.size, split))
             for half, (offset, length, is_data) in halves:
                 if is_data:
@@ -116,6 +130,9 @@ class FileDisk(DiskStream):
                 else:
                     self.hole_bytes += length
                     yield Extent(offset, length, None)
+            # Shrinking beyond what was read looks like holes at the end: not a disk image.
+            if self._current_size(self._fd) < self.size:
+                raise self._shrank()
         except OSError as exc:
             raise DiskUnreadable(
                 f"disk {self.name}: read error on {self.path}: {exc.strerror}", self.name
@@ -123,6 +140,9 @@ class FileDisk(DiskStream):
         finally:
             for fd in fds[1:]:
                 os.close(fd)
+
+    def _shrank(self) -> DiskUnreadable:
+        return DiskUnreadable(f"disk {self.name}: {self.path} shrank while being read", self.name)
 
     def _read(self, fd: int, offset: int, length: int) -> Iterator[Extent]:
         end = offset + length
@@ -132,9 +152,7 @@ class FileDisk(DiskStream):
             n = min(end, (pos // self._block + 1) * self._block) - pos
             data = os.pread(fd, n, pos)
             if len(data) != n:
-                raise DiskUnreadable(
-                    f"disk {self.name}: {self.path} shrank while being read", self.name
-                )
+                raise self._shrank()
             self.bytes_read += n
             yield Extent(pos, n, data)
             pos += n

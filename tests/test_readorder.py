@@ -11,6 +11,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 from vmrepo.sources import readorder
 from vmrepo.sources.base import BackupContext
+from vmrepo.sources.errors import DiskUnreadable
 from vmrepo.sources.file import FileSource
 from vmrepo.sources.readorder import Range, clip, in_turns, split_point
 
@@ -121,3 +122,68 @@ def test_file_source_reads_both_halves_in_turns(tmp_path: Path,
     finally:
         src.finish(False)
     assert len(os.listdir("/proc/self/fd")) == fds
+
+
+def _disk(tmp_path: Path, size: int, data: list[tuple[int, bytes]]) -> tuple[Path, bytes]:
+    path = tmp_path / "disk.raw"
+    with open(path, "wb") as f:
+        f.truncate(size)
+        for off, buf in data:
+            f.seek(off)
+            f.write(buf)
+    return path, path.read_bytes()
+
+
+def _read_all(src: FileSource, size: int) -> bytes:
+    (stream,) = src.begin(BackupContext("r", 64 * KiB, "s"))
+    try:
+        got = bytearray(size)
+        for ext in stream.extents():
+            if ext.data is not None:
+                got[ext.offset:ext.offset + ext.length] = ext.data
+        return bytes(got)
+    finally:
+        src.finish(False)
+
+
+def test_both_halves_come_from_the_file_opened_at_the_start(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The path renamed over, or removed, once the snapshot began: still the file it
+    opened, in both halves."""
+    monkeypatch.setattr(readorder, "TURN", 1 * MiB)
+    rnd = random.Random(6)
+    path, image = _disk(tmp_path, 8 * MiB, [(0, rnd.randbytes(8 * MiB))])
+    for change in ("rename", "remove"):
+        src = FileSource("vm1", {"disk0": str(path)})
+        (stream,) = src.begin(BackupContext("r", 64 * KiB, "s"))
+        try:
+            other = tmp_path / "other.raw"
+            other.write_bytes(rnd.randbytes(8 * MiB))
+            if change == "rename":
+                os.replace(other, path)
+            else:
+                path.unlink()
+            got = bytearray(len(image))
+            for ext in stream.extents():
+                assert ext.data is not None
+                got[ext.offset:ext.offset + ext.length] = ext.data
+            assert bytes(got) == image, change
+        finally:
+            src.finish(False)
+        path.write_bytes(image)
+
+
+def test_a_file_shrinking_past_the_reads_is_an_error(tmp_path: Path) -> None:
+    """Cut shorter while being read where only holes remained ahead: the missing end
+    would pass for holes; the snapshot fails instead."""
+    path, _ = _disk(tmp_path, 64 * MiB, [(0, random.Random(7).randbytes(2 * MiB))])
+    src = FileSource("vm1", {"disk0": str(path)})
+    (stream,) = src.begin(BackupContext("r", 64 * KiB, "s"))
+    try:
+        extents = stream.extents()
+        next(extents)
+        os.truncate(path, 32 * MiB)
+        with pytest.raises(DiskUnreadable, match="shrank while being read"):
+            list(extents)
+    finally:
+        src.finish(False)
