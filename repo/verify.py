@@ -112,8 +112,12 @@ class VerifyReport:
     damage: Damage = field(default_factory=Damage)
     #: Packs whose header is damaged or disagrees with the index (repair rewrites them).
     bad_headers: set[bytes] = field(default_factory=set)
-    #: Packs a segment should name but none does, and that hold referenced blobs.
+    #: Packs no segment names, holding blobs no segment names: an interrupted or running
+    #: session's, not damage by themselves (`repair index` indexes them, `prune` removes
+    #: them); blobs snapshots reference found only there are damage.
     unindexed: set[bytes] = field(default_factory=set)
+    #: Blobs snapshots reference that no segment names (damage).
+    unindexed_needed: int = 0
     #: Packs no segment names that an unfinished prune condemned: not damage, garbage the
     #: next prune deletes.
     condemned: set[bytes] = field(default_factory=set)
@@ -128,6 +132,7 @@ class VerifyReport:
             "pack_bytes": self.pack_bytes, "blobs": self.blobs,
             "reclaimable_bytes": self.reclaimable_bytes,
             "condemned_packs": len(self.condemned),
+            "unindexed_packs": len(self.unindexed),
             "findings": [f.as_dict() for f in self.findings],
             "affected": [a.as_dict() for a in self.affected],
             "intact": [s.id for s in self.intact],
@@ -203,7 +208,8 @@ class _Checker:
         rep.reclaimable_bytes = sum(
             size if not self.used.get(p) else max(0, held.get(p, 0) - self.used[p])
             for p, size in existing.items())
-        unindexed = sum(1 for bid in rep.lost if ordinals.of(bid) is None)
+        unindexed = rep.unindexed_needed = sum(1 for bid in rep.lost
+                                               if ordinals.of(bid) is None)
         if unindexed:
             self.find("index", f"{unindexed} blobs snapshots reference are in no index segment"
                                + (" (`vmrepo repair index` indexes the packs that hold them)"
@@ -266,9 +272,10 @@ class _Checker:
                 if pid in condemned:
                     self.report.condemned.add(pid)  # a prune stopped before deleting it
                 elif known < len(header):
+                    # An interrupted session's, or a running one's: damage only if snapshots
+                    # need its blobs, which the manifest check finds (and names this pack's
+                    # repair).
                     self.report.unindexed.add(pid)
-                    self.find(key, f"holds {len(header) - known} blobs no index segment names "
-                                   "(`vmrepo repair index` indexes it)")
                 continue
             indexed = {(e.id, e.offset, e.length, e.raw_length, e.type)
                        for e in entries_of.get(pid, ())}

@@ -26,7 +26,7 @@ from vmrepo.manifest import iter_chunks
 from vmrepo.repository import Repository
 from vmrepo.storage.local import LocalBackend
 
-from .helpers import run_cli, run_json, vmrepo_bin, write_sample_image
+from .helpers import killpoint, run_cli, run_json, vmrepo_bin, write_sample_image
 from .s3server import moto_server, s3_bucket, s3_url  # noqa: F401 - fixtures
 
 MiB = 1 << 20
@@ -235,6 +235,29 @@ def test_a_missing_pack_and_the_next_snapshot(work: Path, prepared: Any) -> None
     code, doc = _verify(work)
     assert code == exitcodes.INTEGRITY and _affected(doc) == affected_before
     assert new["id"] in doc["intact"]
+
+
+def test_an_interrupted_snapshots_packs_are_no_damage(work: Path, prepared: Any) -> None:
+    """A snapshot killed between storing a pack and the segment naming it: verify lists
+    the pack as not indexed, no damage (a running snapshot's packs look the same), and
+    prune removes it."""
+    write_sample_image(work / "a.raw", 3 * MiB, seed=191)
+    write_sample_image(work / "b.raw", 2 * MiB, seed=192)
+    killed = subprocess.run(killpoint("put", "data/", "1", "after", "--", "snapshot", "vm1"),
+                            cwd=work, capture_output=True, text=True, timeout=300)
+    assert killed.returncode == -9, killed.stderr
+    code, doc = _verify(work, "--read-data")
+    assert code == exitcodes.OK and doc["clean"], doc["findings"]
+    n = doc["unindexed_packs"]
+    assert n >= 1  # the one put before the kill, and perhaps the other pack thread's
+    human = run_cli("verify", cwd=work).stdout
+    assert f"not indexed: {n} pack" in human and "of an interrupted or running snapshot" \
+        in human, human
+    assert "no damage found" in human
+    for _ in range(2):  # a mark may need a second run to be swept
+        run_cli("prune", "--grace", "0", cwd=work)
+    assert _verify(work)[1]["unindexed_packs"] == 0
+    _restores(work, prepared[1])
 
 
 def test_a_missing_index_segment(work: Path, prepared: Any) -> None:

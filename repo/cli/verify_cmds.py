@@ -61,6 +61,10 @@ def verify_lines(rep: VerifyReport) -> list[str]:
         then = "after `vmrepo repair`, " if rep.findings else ""
         out.append(f"reclaimable: {human_bytes(rep.reclaimable_bytes)} no snapshot references "
                    f"({then}`vmrepo prune` frees it)")
+    if rep.unindexed and not rep.unindexed_needed:
+        out.append(f"not indexed: {counted(len(rep.unindexed), 'pack')} of an interrupted "
+                   "or running snapshot, which no snapshot needs (`vmrepo prune` removes "
+                   "them once no session can be using them)")
     if rep.condemned:
         out.append(f"waiting for deletion: {counted(len(rep.condemned), 'pack')} an "
                    "unfinished prune condemned (the next `vmrepo prune` deletes them)")
