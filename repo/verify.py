@@ -177,10 +177,13 @@ class _Checker:
 
     def run(self) -> VerifyReport:
         repo, rep = self.repo, self.report
-        repo.forget_pack_listing()
-        existing = repo.existing_packs()
+        # Read in the reverse of a writer's order (packs, then the segment naming them,
+        # then the snapshot record): what a record or segment read here names was stored
+        # before the listing, though snapshots run meanwhile.
         snaps = repo.snapshots()
         repo.index.sync(repo.store)
+        repo.forget_pack_listing()
+        existing = repo.existing_packs()
         for p in repo.store.problems:
             if p.kind == "damaged" and p.key.startswith((SNAPSHOT_PREFIX, INDEX_PREFIX)):
                 what = "snapshot record" if p.key.startswith(SNAPSHOT_PREFIX) else \
@@ -249,8 +252,9 @@ class _Checker:
     def _headers(self, existing: dict[bytes, int], sizes: dict[bytes, int | None],
                  per_pack: dict[bytes, int], entries_of: dict[bytes, list[BlobEntry]],
                  ordinals: Ordinals, condemned: set[bytes]) -> dict[bytes, list[BlobEntry]]:
-        """Each existing pack's header, checked against the index; a pack no segment names
-        is damage unless a prune's mark condemns it."""
+        """Each existing pack's header, checked against the index. A pack no segment names
+        is listed (an interrupted or running session's, or condemned by a prune's mark), not
+        damage, unless its header cannot be read."""
         headers: dict[bytes, list[BlobEntry]] = {}
         for pid, size in sorted(existing.items()):
             if self.opts.check is not None:

@@ -21,10 +21,14 @@ from typing import Any
 import boto3
 import pytest
 from vmrepo import exitcodes
+from vmrepo.backup import SnapshotOptions, take_snapshot
+from vmrepo.config import RepoConfig
 from vmrepo.format import BlobType, pack_key
 from vmrepo.manifest import iter_chunks
 from vmrepo.repository import Repository
+from vmrepo.sources.file import FileSource
 from vmrepo.storage.local import LocalBackend
+from vmrepo.verify import VerifyOptions, verify
 
 from .helpers import killpoint, run_cli, run_json, vmrepo_bin, write_sample_image
 from .s3server import moto_server, s3_bucket, s3_url  # noqa: F401 - fixtures
@@ -258,6 +262,32 @@ def test_an_interrupted_snapshots_packs_are_no_damage(work: Path, prepared: Any)
         run_cli("prune", "--grace", "0", cwd=work)
     assert _verify(work)[1]["unindexed_packs"] == 0
     _restores(work, prepared[1])
+
+
+def test_a_snapshot_committed_while_verify_reads_is_no_damage(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A snapshot commits (packs, segment, record) after verify began: whatever verify
+    reads of it, it finds the packs too."""
+    Repository.init(LocalBackend(tmp_path / "repo", create=True),
+                    RepoConfig.new(chunk_size=64 << 10, pack_size=256 << 10))
+
+    def snapshot(seed: int) -> None:
+        image = tmp_path / f"{seed}.raw"
+        write_sample_image(image, 2 * MiB, seed=seed)
+        take_snapshot(_open(tmp_path), FileSource("vm1", {"disk0": str(image)}),
+                      SnapshotOptions(vm="vm1", workers=2))
+
+    snapshot(1)
+    checked = _open(tmp_path)
+    read_records = checked.snapshots
+
+    def records_while_a_snapshot_commits(vm: str | None = None) -> list[Any]:
+        snapshot(2)
+        return read_records(vm)
+
+    monkeypatch.setattr(checked, "snapshots", records_while_a_snapshot_commits)
+    rep = verify(checked, VerifyOptions(record=False))
+    assert rep.clean and rep.snapshots == 2, rep.findings
 
 
 def test_a_missing_index_segment(work: Path, prepared: Any) -> None:
