@@ -105,7 +105,11 @@ class FileDisk(DiskStream):
             fd = os.open(f"/proc/self/fd/{self._fd}", os.O_RDONLY | os.O_CLOEXEC | os.O_NONBLOCK)
         except OSError:
             return os.dup(self._fd)  # no /proc: the same file, sharing its read-ahead
-        a, b = os.fstat(self._fd), os.fstat(fd)
+        try:
+            a, b = os.fstat(self._fd), os.fstat(fd)
+        except OSError:
+            os.close(fd)
+            raise
         if (a.st_dev, a.st_ino, a.st_rdev) != (b.st_dev, b.st_ino, b.st_rdev):
             os.close(fd)
             return os.dup(self._fd)

@@ -64,6 +64,8 @@ def read_disk(client: NbdClient, ranges: Iterable[tuple[int, int]], counters: Re
     """
     found: list[Range] = []
     for off, n in ranges:
+        if check is not None:
+            check()
         found.extend((e.offset, e.length, not e.flags & STATE_ZERO)
                      for e in merge_extents(client.block_status(ALLOCATION, off, n)))
     split = split_point(found, sum(n for _, n, is_data in found if is_data))

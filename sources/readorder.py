@@ -1,4 +1,4 @@
-"""The order of a full read: the two halves of a disk's data, taken in turns.
+"""The order of a read: the two halves of the data asked for, taken in turns.
 
 A disk's kinds of data come in long stretches: a region of already
 compressed or encrypted files costs the repository little CPU and much disk
@@ -6,7 +6,8 @@ writing, a region of text the opposite. Read front to back, the backup
 spends the first kind of stretch waiting on the disk and the second on the
 cores. Reading the first half of the data and the second half in turns, a
 few MiB of each at a time, mixes the two loads, so both the cores and the
-disk stay busy. (The core takes extents in any order, see :mod:`.base`.)
+disk stay busy. (The core takes extents in any order, see :mod:`.base`.) A
+turn ends with the piece that brings it to ``TURN`` bytes of data or more.
 
 Each half is still read front to back, so read-ahead and the manifest's
 pages in progress stay as they are for a sequential read, two fronts
@@ -20,8 +21,8 @@ from collections.abc import Iterable, Iterator
 #: ``(offset, length, is_data)``: a range of the disk, data to read or zeros.
 Range = tuple[int, int, bool]
 
-#: Data bytes taken from one half before turning to the other (a multiple of every
-#: chunk size, so the turns cut no chunk).
+#: Data bytes taken from one half, at least, before turning to the other (a multiple of
+#: every chunk size, so the turns cut no chunk).
 TURN = 16 << 20
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import random
+import subprocess
 from pathlib import Path
 
 import pytest
@@ -13,12 +14,12 @@ from vmrepo.sources import readorder
 from vmrepo.sources.base import BackupContext
 from vmrepo.sources.errors import DiskUnreadable
 from vmrepo.sources.file import FileSource
+from vmrepo.sources.nbdread import END
 from vmrepo.sources.readorder import Range, clip, in_turns, split_point
 
 from .helpers import text_like
 
 KiB, MiB = 1 << 10, 1 << 20
-END = 1 << 62
 
 
 @st.composite
@@ -187,3 +188,34 @@ def test_a_file_shrinking_past_the_reads_is_an_error(tmp_path: Path) -> None:
             list(extents)
     finally:
         src.finish(False)
+
+
+def test_reads_over_nbd_take_both_halves_in_turns(tmp_path: Path,
+                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    """A qcow2 image read through qemu-nbd and the NBD client: data in turns, zeros
+    where the image has none, each byte once, counted as before."""
+    monkeypatch.setattr(readorder, "TURN", 1 * MiB)
+    rnd = random.Random(8)
+    raw, image = _disk(tmp_path, 24 * MiB, [(0, rnd.randbytes(6 * MiB)),
+                                            (12 * MiB, text_like(rnd, 6 * MiB))])
+    qcow2 = tmp_path / "disk.qcow2"
+    subprocess.run(["qemu-img", "convert", "-f", "raw", "-O", "qcow2", str(raw), str(qcow2)],
+                   check=True)
+    src = FileSource("vm1", {"disk0": str(qcow2)})
+    (stream,) = src.begin(BackupContext("r", 64 * KiB, "s"))
+    try:
+        got, order, zeros = bytearray(len(image)), [], 0
+        for ext in stream.extents():
+            if ext.data is None:
+                zeros += ext.length
+            else:
+                got[ext.offset:ext.offset + ext.length] = ext.data
+                order.append(ext.offset // MiB)
+        report = stream.report()
+    finally:
+        src.finish(False)
+    assert bytes(got) == image
+    assert (report["bytes_read"], report["bytes_zero"], zeros) == (12 * MiB, 12 * MiB, 12 * MiB)
+    # 12 MiB of data: the halves split at 6 MiB, where the text starts at 12 MiB.
+    assert order[:4] == [0, 12, 1, 13]
+    assert sorted(order) == list(range(6)) + list(range(12, 18))
