@@ -5,13 +5,14 @@ from __future__ import annotations
 import os
 import random
 import subprocess
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 from vmrepo.sources import readorder
-from vmrepo.sources.base import BackupContext
+from vmrepo.sources.base import BackupContext, DiskStream
 from vmrepo.sources.errors import DiskUnreadable
 from vmrepo.sources.file import FileSource
 from vmrepo.sources.nbdread import END
@@ -92,39 +93,6 @@ def test_no_data_reads_in_one_half() -> None:
     assert list(in_turns(clip(ranges, 0, 0), clip(ranges, 0, END))) == [(1, ranges[0])]
 
 
-def test_file_source_reads_both_halves_in_turns(tmp_path: Path,
-                                                monkeypatch: pytest.MonkeyPatch) -> None:
-    """A raw image of random data then text: the read alternates between the two,
-    a turn at a time, and every byte comes once, holes as zeros."""
-    monkeypatch.setattr(readorder, "TURN", 1 * MiB)
-    rnd = random.Random(5)
-    path = tmp_path / "disk.raw"
-    with open(path, "wb") as f:
-        f.truncate(24 * MiB)
-        f.write(rnd.randbytes(8 * MiB))
-        f.seek(10 * MiB)
-        f.write(text_like(rnd, 8 * MiB))
-    image = path.read_bytes()
-    fds = len(os.listdir("/proc/self/fd"))
-    src = FileSource("vm1", {"disk0": str(path)})
-    (stream,) = src.begin(BackupContext("r", 64 * KiB, "s"))
-    try:
-        got = bytearray(len(image))
-        order = []
-        for ext in stream.extents():
-            if ext.data is not None:
-                got[ext.offset:ext.offset + ext.length] = ext.data
-                order.append(ext.offset // MiB)
-        assert bytes(got) == image
-        assert stream.report() == {"path": str(path), "bytes_read": 16 * MiB,
-                                   "hole_bytes": 8 * MiB}
-        # 16 MiB of data: the halves split at 8 MiB; the text starts at 10 MiB.
-        assert order == [o for pair in zip(range(8), range(10, 18), strict=True) for o in pair]
-    finally:
-        src.finish(False)
-    assert len(os.listdir("/proc/self/fd")) == fds
-
-
 def _disk(tmp_path: Path, size: int, data: list[tuple[int, bytes]]) -> tuple[Path, bytes]:
     path = tmp_path / "disk.raw"
     with open(path, "wb") as f:
@@ -135,16 +103,49 @@ def _disk(tmp_path: Path, size: int, data: list[tuple[int, bytes]]) -> tuple[Pat
     return path, path.read_bytes()
 
 
-def _read_all(src: FileSource, size: int) -> bytes:
+@dataclass
+class Drained:
+    """What a disk stream gave: the image it describes, the MiB its data extents start
+    at, in order, and the bytes it gave as zeros."""
+
+    image: bytes
+    order: list[int]
+    zeros: int
+
+
+def _drain(stream: DiskStream) -> Drained:
+    got, order, zeros = bytearray(stream.size), [], 0
+    for ext in stream.extents():
+        if ext.data is None:
+            zeros += ext.length
+        else:
+            got[ext.offset:ext.offset + ext.length] = ext.data
+            order.append(ext.offset // MiB)
+    return Drained(bytes(got), order, zeros)
+
+
+def test_file_source_reads_both_halves_in_turns(tmp_path: Path,
+                                                monkeypatch: pytest.MonkeyPatch) -> None:
+    """A raw image of random data then text: the read alternates between the two,
+    a turn at a time, and every byte comes once, holes as zeros."""
+    monkeypatch.setattr(readorder, "TURN", 1 * MiB)
+    rnd = random.Random(5)
+    path, image = _disk(tmp_path, 24 * MiB, [(0, rnd.randbytes(8 * MiB)),
+                                             (10 * MiB, text_like(rnd, 8 * MiB))])
+    fds = len(os.listdir("/proc/self/fd"))
+    src = FileSource("vm1", {"disk0": str(path)})
     (stream,) = src.begin(BackupContext("r", 64 * KiB, "s"))
     try:
-        got = bytearray(size)
-        for ext in stream.extents():
-            if ext.data is not None:
-                got[ext.offset:ext.offset + ext.length] = ext.data
-        return bytes(got)
+        read = _drain(stream)
+        assert read.image == image
+        assert stream.report() == {"path": str(path), "bytes_read": 16 * MiB,
+                                   "hole_bytes": 8 * MiB}
+        # 16 MiB of data: the halves split at 8 MiB; the text starts at 10 MiB.
+        assert read.order == [o for pair in zip(range(8), range(10, 18), strict=True)
+                              for o in pair]
     finally:
         src.finish(False)
+    assert len(os.listdir("/proc/self/fd")) == fds
 
 
 def test_both_halves_come_from_the_file_opened_at_the_start(
@@ -164,11 +165,8 @@ def test_both_halves_come_from_the_file_opened_at_the_start(
                 os.replace(other, path)
             else:
                 path.unlink()
-            got = bytearray(len(image))
-            for ext in stream.extents():
-                assert ext.data is not None
-                got[ext.offset:ext.offset + ext.length] = ext.data
-            assert bytes(got) == image, change
+            read = _drain(stream)
+            assert read.image == image and read.zeros == 0, change
         finally:
             src.finish(False)
         path.write_bytes(image)
@@ -204,18 +202,13 @@ def test_reads_over_nbd_take_both_halves_in_turns(tmp_path: Path,
     src = FileSource("vm1", {"disk0": str(qcow2)})
     (stream,) = src.begin(BackupContext("r", 64 * KiB, "s"))
     try:
-        got, order, zeros = bytearray(len(image)), [], 0
-        for ext in stream.extents():
-            if ext.data is None:
-                zeros += ext.length
-            else:
-                got[ext.offset:ext.offset + ext.length] = ext.data
-                order.append(ext.offset // MiB)
+        read = _drain(stream)
         report = stream.report()
     finally:
         src.finish(False)
-    assert bytes(got) == image
-    assert (report["bytes_read"], report["bytes_zero"], zeros) == (12 * MiB, 12 * MiB, 12 * MiB)
+    assert read.image == image
+    assert (report["bytes_read"], report["bytes_zero"], read.zeros) == \
+        (12 * MiB, 12 * MiB, 12 * MiB)
     # 12 MiB of data: the halves split at 6 MiB, where the text starts at 12 MiB.
-    assert order[:4] == [0, 12, 1, 13]
-    assert sorted(order) == list(range(6)) + list(range(12, 18))
+    assert read.order[:4] == [0, 12, 1, 13]
+    assert sorted(read.order) == list(range(6)) + list(range(12, 18))
