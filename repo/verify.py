@@ -211,10 +211,10 @@ class _Checker:
         rep.reclaimable_bytes = sum(
             size if not self.used.get(p) else max(0, held.get(p, 0) - self.used[p])
             for p, size in existing.items())
-        unindexed = rep.unindexed_needed = sum(1 for bid in rep.lost
-                                               if ordinals.of(bid) is None)
-        if unindexed:
-            self.find("index", f"{unindexed} blobs snapshots reference are in no index segment"
+        rep.unindexed_needed = sum(1 for bid in rep.lost if ordinals.of(bid) is None)
+        if rep.unindexed_needed:
+            self.find("index", f"{rep.unindexed_needed} blobs snapshots reference are in no "
+                               "index segment"
                                + (" (`vmrepo repair index` indexes the packs that hold them)"
                                   if rep.unindexed else ""))
         rep.damage = self.bad
