@@ -44,6 +44,12 @@ def run_measured(cmd: list[str], env: dict[str, str] | None = None, cwd: Path | 
     return Measured(float(wall), float(cpu), int(rss) * 1024, res.stdout)
 
 
+def cpu_seconds(pid: int) -> float:
+    """A running process's CPU time so far (user and system, from /proc)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 def dir_size(path: Path) -> int:
     return sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
 

@@ -12,6 +12,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+from measure import cpu_seconds
 from vmrepo.sources.qemu.qmp import QmpConnection, QmpDisconnected
 
 
@@ -52,11 +53,9 @@ class BenchVM:
         return self
 
     def cpu_seconds(self) -> float:
-        """QEMU's CPU time so far (user and system, from /proc)."""
+        """QEMU's CPU time so far (user and system)."""
         assert self.proc is not None
-        with open(f"/proc/{self.proc.pid}/stat") as f:
-            fields = f.read().rsplit(")", 1)[1].split()
-        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+        return cpu_seconds(self.proc.pid)
 
     def cmd(self, name: str, args: dict[str, Any] | None = None) -> Any:
         assert self.qmp is not None

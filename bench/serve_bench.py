@@ -29,17 +29,10 @@ import tempfile
 import time
 from pathlib import Path
 
-from measure import run_measured, vmrepo_bin
+from measure import cpu_seconds, run_measured, vmrepo_bin
 from vmrepo.sources.nbd.client import NbdAddress, NbdClient
 from vmrepo.sources.nbd.errors import NbdError
 from vmrepo.units import human_bytes, parse_size
-
-TICK = os.sysconf("SC_CLK_TCK")
-
-
-def cpu_seconds(pid: int) -> float:
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / TICK
 
 
 def peak_rss(pid: int) -> int:
