@@ -133,7 +133,8 @@ class RestoreIncomplete(VmrepoError):
 
 
 class OutputError(VmrepoError):
-    """Writing a restore's output failed; the partial output was removed."""
+    """Writing a restore's output (or another file the command makes) failed; the partial
+    output was removed."""
 
     def __init__(self, message: str, path: str | None = None, errno: int | None = None) -> None:
         super().__init__(message)

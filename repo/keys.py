@@ -7,6 +7,12 @@ passphrase by scrypt (memory-hard; its parameters are in the record). Any of the
 records opens the repository; ``vmrepo key add|list|remove|passwd`` manage them and
 ``vmrepo key export`` prints the master key for a paper or offline copy.
 
+A *key file* (:class:`KeyFile`, ``vmrepo key add --key-file``) is for unattended hosts: 32
+random bytes in a root-only file, whose key record seals the master key under them directly
+(``kdf`` ``none``: a random secret needs no stretching), so a command run with
+``VMREPO_KEY_FILE`` opens the repository without scrypt's time and memory. Like a
+passphrase's record, it is listed, and removed to revoke the host.
+
 Key records are plain records (they are read before anything can be decrypted); the
 associated data of the sealed master key binds it to its repository id.
 """
@@ -15,7 +21,9 @@ from __future__ import annotations
 
 import base64
 import binascii
+import contextlib
 import hashlib
+import os
 import secrets
 import socket
 import subprocess
@@ -43,6 +51,9 @@ from .store import RepoStore
 KEY_VERSION = 1
 #: scrypt cost: 2**16 x 128 x 8 bytes = 64 MiB of memory per attempt.
 SCRYPT_N, SCRYPT_R, SCRYPT_P = 1 << 16, 8, 1
+#: The ``kdf`` algorithm of a key file's record: its 32-byte secret seals the master key.
+KDF_NONE = "none"
+KEY_FILE_MAGIC = "vmrepo-key-file"
 _NONCE = bytes(12)
 
 
@@ -96,6 +107,80 @@ class KeyInfo:
     created: str
     host: str
     label: str
+    #: What opens it: ``scrypt`` (a passphrase) or ``none`` (a key file).
+    kdf: str = "scrypt"
+
+
+class KeyFileError(ValueError):
+    """A key file that cannot be read or is not one (its path and why)."""
+
+    def __init__(self, path: str, why: str, readable: bool = True) -> None:
+        super().__init__(f"{path}: {why}")
+        self.path = path
+        self.why = why
+        #: False when the file could not be read at all (rather than read and refused).
+        self.readable = readable
+
+
+@dataclass(frozen=True)
+class KeyFile:
+    """The secret of a ``kdf: none`` key record, in a file of one line:
+    ``vmrepo-key-file <repository id> <key id> <secret, 64 hex digits>``."""
+
+    repository_id: str
+    key_id: str
+    secret: bytes
+    path: str
+
+    @classmethod
+    def new(cls, repository_id: str, path: str) -> KeyFile:
+        return cls(repository_id, secrets.token_hex(16), secrets.token_bytes(32), path)
+
+    def text(self) -> str:
+        return f"{KEY_FILE_MAGIC} {self.repository_id} {self.key_id} {self.secret.hex()}\n"
+
+    def create(self) -> None:
+        """Write the file, readable by its owner only; refuse one that exists."""
+        try:
+            fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        except OSError as exc:
+            raise KeyFileError(self.path, exc.strerror or str(exc)) from None
+        try:
+            with os.fdopen(fd, "w", encoding="ascii") as f:
+                f.write(self.text())
+                f.flush()
+                os.fsync(f.fileno())
+        except OSError as exc:
+            self.remove()
+            raise KeyFileError(self.path, exc.strerror or str(exc)) from None
+
+    def remove(self) -> None:
+        with contextlib.suppress(OSError):
+            os.unlink(self.path)
+
+    @classmethod
+    def read(cls, path: str) -> KeyFile:
+        try:
+            with open(path, encoding="ascii") as f:
+                text = f.read(4096)
+        except OSError as exc:
+            raise KeyFileError(path, f"cannot read it: {exc.strerror or exc}",
+                               readable=False) from None
+        except UnicodeDecodeError:
+            raise KeyFileError(path, "not a vmrepo key file (not text)") from None
+        parts = text.split()
+        if len(parts) != 4 or parts[0] != KEY_FILE_MAGIC:
+            raise KeyFileError(path, "not a vmrepo key file (`vmrepo key add --key-file` "
+                                     "writes one)")
+        try:
+            secret = bytes.fromhex(parts[3])
+        except ValueError:
+            secret = b""
+        if len(secret) != 32:
+            raise KeyFileError(path, "its secret is not 64 hex digits (damaged?)")
+        if not all(c in "0123456789abcdef" for c in parts[2]) or len(parts[2]) != 32:
+            raise KeyFileError(path, "its key id is not 32 hex digits (damaged?)")
+        return cls(parts[1], parts[2], secret, path)
 
 
 def _kek(passphrase: str, salt: bytes, n: int, r: int, p: int) -> bytes:
@@ -110,16 +195,29 @@ def add_key(store: RepoStore, repository_id: str, master: MasterKey, passphrase:
         raise ValueError("an empty passphrase protects nothing")
     salt = secrets.token_bytes(16)
     kek = _kek(passphrase, salt, SCRYPT_N, SCRYPT_R, SCRYPT_P)
+    return _put_key(store, repository_id, master, kek, label,
+                    {"algorithm": "scrypt", "n": SCRYPT_N, "r": SCRYPT_R, "p": SCRYPT_P,
+                     "salt": salt})
+
+
+def add_key_file(store: RepoStore, master: MasterKey, key_file: KeyFile,
+                 label: str = "") -> KeyInfo:
+    """Store the key record that ``key_file`` opens: the master key sealed under its secret.
+    Write the file first (:meth:`KeyFile.create`), so no record is left that nothing opens."""
+    return _put_key(store, key_file.repository_id, master, key_file.secret, label,
+                    {"algorithm": KDF_NONE}, key_id=key_file.key_id)
+
+
+def _put_key(store: RepoStore, repository_id: str, master: MasterKey, kek: bytes, label: str,
+             kdf: dict[str, Any], key_id: str | None = None) -> KeyInfo:
     sealed = ChaCha20Poly1305(kek).encrypt(_NONCE, master.raw(), _aad(repository_id))
     # Microseconds: keys added within one second still list in the order they were added.
-    info = KeyInfo(secrets.token_hex(16), datetime.now(UTC).isoformat(timespec="microseconds"),
-                   socket.gethostname(), label)
+    info = KeyInfo(key_id or secrets.token_hex(16),
+                   datetime.now(UTC).isoformat(timespec="microseconds"),
+                   socket.gethostname(), label, str(kdf["algorithm"]))
     store.put_record(RecordKind.KEY, key_key(info.id), {
         "v": KEY_VERSION, "id": info.id, "created": info.created, "host": info.host,
-        "label": info.label,
-        "kdf": {"algorithm": "scrypt", "n": SCRYPT_N, "r": SCRYPT_R, "p": SCRYPT_P,
-                "salt": salt},
-        "sealed": sealed})
+        "label": info.label, "kdf": kdf, "sealed": sealed})
     return info
 
 
@@ -127,16 +225,21 @@ def _aad(repository_id: str) -> bytes:
     return f"vmrepo master key {repository_id}".encode()
 
 
+def _info(rec: dict[str, Any]) -> KeyInfo:
+    return KeyInfo(str(rec["id"]), str(rec["created"]), str(rec["host"]),
+                   str(rec.get("label", "")), str(rec["kdf"].get("algorithm")))
+
+
 def _records(store: RepoStore) -> list[tuple[KeyInfo, dict[str, Any]]]:
     out = []
     for obj in store.listing(KEY_PREFIX):
         try:
             rec = store.get_record(RecordKind.KEY, obj.key, KEY_VERSION)
-            info = KeyInfo(str(rec["id"]), str(rec["created"]), str(rec["host"]),
-                           str(rec.get("label", "")))
+            info = _info(rec)
         except ObjectNotFound:
             continue
-        except (IntegrityError, IncompatibleRepository, KeyError, TypeError) as exc:
+        except (IntegrityError, IncompatibleRepository, KeyError, TypeError,
+                AttributeError) as exc:
             store.problem(obj.key, f"unreadable key record, ignored ({exc})")
             continue
         out.append((info, rec))
@@ -178,6 +281,32 @@ def unlock(store: RepoStore, repository_id: str, passphrase: str) -> tuple[Maste
         return MasterKey.from_raw(raw), info
     raise WrongPassphrase(f"wrong passphrase for {store.backend.location}: no key of this "
                           "repository opens with it")
+
+
+def unlock_with_file(store: RepoStore, repository_id: str,
+                     key_file: KeyFile) -> tuple[MasterKey, KeyInfo]:
+    """The master key, opened by the record ``key_file`` names (one read, no scrypt);
+    WrongPassphrase saying why if it does not open."""
+    where = f"the key file {key_file.path}"
+    if key_file.repository_id != repository_id:
+        raise WrongPassphrase(f"{where} is of repository {key_file.repository_id}, not of "
+                              f"{store.backend.location} ({repository_id})")
+    try:
+        rec = store.get_record(RecordKind.KEY, key_key(key_file.key_id), KEY_VERSION)
+        info = _info(rec)
+        if info.kdf != KDF_NONE:
+            raise ValueError("not a key file's record")
+        raw = ChaCha20Poly1305(key_file.secret).decrypt(_NONCE, bytes(rec["sealed"]),
+                                                        _aad(repository_id))
+    except ObjectNotFound:
+        raise WrongPassphrase(f"{where}: its key {key_file.key_id[:8]} is no longer in "
+                              f"{store.backend.location} (removed with `vmrepo key "
+                              "remove`?)") from None
+    except (InvalidTag, IntegrityError, IncompatibleRepository, KeyError, TypeError,
+            ValueError, AttributeError):
+        raise WrongPassphrase(f"{where} does not open its key {key_file.key_id[:8]} of "
+                              f"{store.backend.location}") from None
+    return MasterKey.from_raw(raw), info
 
 
 def remove_key(store: RepoStore, key_id: str) -> None:

@@ -107,10 +107,10 @@ class Repository:
         return cls(backend, config, **kw)
 
     @classmethod
-    def open(cls, backend: Backend, passphrase: Callable[[], str] | None = None,
+    def open(cls, backend: Backend, passphrase: Callable[[], str | keys.KeyFile] | None = None,
              **kw: Any) -> Repository:
         """Open the repository at ``backend``; an encrypted one is unlocked with the
-        passphrase ``passphrase()`` gives (asked only then)."""
+        passphrase or key file ``passphrase()`` gives (asked only then)."""
         try:
             raw = backend.get(CONFIG_KEY)
         except ObjectNotFound:
@@ -122,7 +122,11 @@ class Repository:
                                    "(VMREPO_PASSWORD_FILE, VMREPO_PASSWORD_COMMAND or a "
                                    "terminal)")
             plain = RepoStore(backend, Codec(), Hasher(bytes(32)), None)
-            kw["master"], used = keys.unlock(plain, config.repository_id, passphrase())
+            secret = passphrase()
+            kw["master"], used = (
+                keys.unlock_with_file(plain, config.repository_id, secret)
+                if isinstance(secret, keys.KeyFile)
+                else keys.unlock(plain, config.repository_id, secret))
             repo = cls(backend, config, **kw)
             repo.key_used = used
         else:

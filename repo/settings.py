@@ -23,7 +23,8 @@ from .spec import VM_NAME_RE
 TOP_KEYS = frozenset({"repository", "vm", "storage", "remote", "keep"})
 CORE_VM_KEYS = frozenset({"source", "keep"})
 #: The core's own keys of a ``[remote.NAME]`` table (the rest are storage settings).
-REMOTE_KEYS = frozenset({"repository", "keep", "password_file", "password_command"})
+REMOTE_KEYS = frozenset({"repository", "keep", "password_file", "password_command",
+                         "key_file"})
 
 SEARCH_PATH = (
     Path("vmrepo.toml"),
@@ -166,6 +167,10 @@ def load_settings(explicit: str | None, env: Mapping[str, str] = os.environ) -> 
                               str(path))
         if "://" not in table["repository"] and not table["repository"].startswith("/"):
             table["repository"] = str((path.parent / table["repository"]).absolute())
+        for secret in ("password_file", "password_command", "key_file"):
+            if secret in table and not (isinstance(table[secret], str) and table[secret]):
+                raise ConfigError(f"config file {path}: remote {name}: {secret} must be a "
+                                  "non-empty string", str(path))
     settings = Settings(path, os.path.expanduser(repo) if repo else None, vms, storage, remotes,
                         parse_policy(doc["keep"], "keep", path) if "keep" in doc else None)
     for name in vms:  # a bad policy is reported when the file is read, not when used

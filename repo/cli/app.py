@@ -30,9 +30,16 @@ from vmrepo.storage.base import Backend
 from vmrepo.storage.errors import StoragePermission
 
 from .. import __version__, exitcodes, logs
-from ..errors import ConfigError, Interrupted, NoPassphrase, RepositoryLocked, RepositoryNotFound
+from ..errors import (
+    ConfigError,
+    Interrupted,
+    NoPassphrase,
+    RepositoryLocked,
+    RepositoryNotFound,
+    WrongPassphrase,
+)
 from ..interrupts import raise_interrupt
-from ..keys import passphrase_from_env
+from ..keys import KeyFile, KeyFileError, passphrase_from_env
 from ..locks import REPOSITORY, RepoLock, acquire
 from ..memtune import limit_malloc_arenas, tune_malloc
 from ..plugins import open_backend
@@ -222,9 +229,28 @@ class Context:
         return {k.replace(prefix, "VMREPO", 1): v for k, v in os.environ.items()
                 if k.startswith(prefix + "_PASSWORD_")}
 
-    def passphrase(self, name_or_url: str | None, location: str) -> str:
-        """The passphrase of a repository (:meth:`_password_env`), else asked on the
-        terminal. Never taken from the command line."""
+    def key_file(self, name_or_url: str | None) -> str | None:
+        """The key file that opens a repository: its remote's ``key_file``, else
+        ``$VMREPO_KEY_FILE`` (for the main repository and remotes without secrets of
+        their own)."""
+        remote = self.settings.remotes.get(name_or_url or self.opts.repo or "")
+        if remote and "key_file" in remote:
+            return str(remote["key_file"])
+        if remote and ("password_file" in remote or "password_command" in remote):
+            return None
+        return os.environ.get("VMREPO_KEY_FILE") or None
+
+    def passphrase(self, name_or_url: str | None, location: str) -> str | KeyFile:
+        """What opens a repository: its key file (:meth:`key_file`), else its passphrase
+        (:meth:`_password_env`), else one asked on the terminal. Never taken from the
+        command line."""
+        path = self.key_file(name_or_url)
+        if path is not None:
+            try:
+                return KeyFile.read(path)
+            except KeyFileError as exc:
+                raise (NoPassphrase if not exc.readable else WrongPassphrase)(
+                    f"the key file {exc}") from None
         found = passphrase_from_env(self._password_env(name_or_url))
         if found == "":
             raise NoPassphrase(f"the passphrase for {location} is empty (the first line of "

@@ -1,4 +1,4 @@
-"""The key command: the passphrases that open an encrypted repository's master key."""
+"""The key command: the passphrases and key files that open an encrypted repository's master key."""
 
 from __future__ import annotations
 
@@ -7,12 +7,14 @@ from pathlib import Path
 import click
 
 from .. import keys
-from ..errors import ConfigError, KeyNotFound, NoPassphrase, WrongPassphrase
+from ..errors import ConfigError, KeyNotFound, NoPassphrase, OutputError, WrongPassphrase
 from ..keys import MasterKey
 from ..repository import Repository
 from .app import Context, command
 
 ACTIONS = ("list", "add", "remove", "passwd", "export")
+#: How ``key list`` names what opens a key record (its ``kdf``).
+_KINDS = {"scrypt": "passphrase", keys.KDF_NONE: "key file"}
 
 
 def _unlocked(ctx: Context) -> tuple[Repository, keys.KeyInfo]:
@@ -30,17 +32,25 @@ def _unlocked(ctx: Context) -> tuple[Repository, keys.KeyInfo]:
 @click.option("--from-export", "from_export", type=click.Path(path_type=Path), default=None,
               help="add: the master key from `vmrepo key export` (when every passphrase is "
                    "lost); no passphrase is asked for it.")
+@click.option("--key-file", "key_file", type=click.Path(path_type=Path), default=None,
+              help="add: write a new key file here (for unattended hosts: VMREPO_KEY_FILE "
+                   "opens the repository with it, without a passphrase).")
 def key(ctx: Context, action: str, key_id: str | None, label: str,
-        from_export: Path | None) -> None:
-    """Manage the passphrases of an encrypted repository: list, add (a new passphrase from
-    VMREPO_NEW_PASSWORD_FILE/_COMMAND or the terminal), remove ID, passwd (replace the
-    passphrase used), export (the master key, for a paper or offline copy)."""
+        from_export: Path | None, key_file: Path | None) -> None:
+    """Manage the keys of an encrypted repository: list, add (a new passphrase from
+    VMREPO_NEW_PASSWORD_FILE/_COMMAND or the terminal, or with --key-file a key file),
+    remove ID, passwd (replace the passphrase used), export (the master key, for a paper or
+    offline copy)."""
     if key_id is not None and action != "remove":
         raise click.UsageError(f"`key {action}` takes no ID")
     if action == "remove" and key_id is None:
         raise click.UsageError("`key remove` needs the ID of the key (see `vmrepo key list`)")
-    if from_export is not None and action != "add":
-        raise click.UsageError(f"--from-export goes with `key add`, not `key {action}`")
+    for option, given in (("--from-export", from_export), ("--key-file", key_file)):
+        if given is not None and action != "add":
+            raise click.UsageError(f"{option} goes with `key add`, not `key {action}`")
+    if from_export is not None and key_file is not None:
+        raise click.UsageError("--from-export and --key-file: one at a time (add a passphrase "
+                               "from the export first)")
     if action == "add" and from_export is not None:
         _add_from_export(ctx, from_export, label)
         return
@@ -52,7 +62,26 @@ def key(ctx: Context, action: str, key_id: str | None, label: str,
         ctx.emit({"keys": [{**k.__dict__, "current": k.id == used.id} for k in infos]},
                  lambda: click.echo("\n".join(
                      f"{'*' if k.id == used.id else ' '} {k.id[:8]}  {k.created[:19]}  {k.host}  "
-                     f"{k.label or '-'}" for k in infos)))
+                     f"{_KINDS.get(k.kdf, k.kdf):10}  {k.label or '-'}" for k in infos)))
+    elif action == "add" and key_file is not None:
+        made = keys.KeyFile.new(rid, str(key_file))
+        try:
+            made.create()
+        except keys.KeyFileError as exc:
+            raise OutputError(f"cannot write the key file {exc}", exc.path) from None
+        try:
+            new = keys.add_key_file(store, r.master, made, label or "key file")
+        except BaseException:
+            made.remove()
+            raise
+        ctx.emit({"added": new.id, "key_file": str(key_file)},
+                 lambda: click.echo(f"added key {new.id[:8]}: the key file {key_file} opens "
+                                    "the repository (VMREPO_KEY_FILE); keep it readable by "
+                                    "root only"))
+    elif action == "passwd" and used.kdf == keys.KDF_NONE:
+        raise KeyNotFound(f"opened with the key file of key {used.id[:8]}, which has no "
+                          "passphrase to change: `vmrepo key add --key-file` and `vmrepo key "
+                          "remove` replace a key file")
     elif action in ("add", "passwd"):
         new = keys.add_key(store, rid, r.master,
                            ctx.new_passphrase(None, r.backend.location, "VMREPO_NEW"),

@@ -1,0 +1,142 @@
+"""Key files for unattended hosts: a key record of its own opened by 32 random bytes without
+scrypt, used through ``VMREPO_KEY_FILE`` (or a remote's ``key_file``), revoked by removing
+its record, and refused with one line and exit code 16 or 17 when it does not fit."""
+
+from __future__ import annotations
+
+import filecmp
+import random
+import stat
+from pathlib import Path
+
+import pytest
+from vmrepo import exitcodes, keys
+from vmrepo.config import RepoConfig
+from vmrepo.repository import Repository
+from vmrepo.storage.local import LocalBackend
+
+from .helpers import run_cli, run_json
+
+MiB = 1 << 20
+NO_PASSPHRASE = {"VMREPO_PASSWORD_FILE": "", "VMREPO_PASSWORD_COMMAND": ""}
+
+
+@pytest.fixture
+def work(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    (tmp_path / "pass").write_text("correct horse battery staple\n")
+    monkeypatch.setenv("VMREPO_PASSWORD_FILE", str(tmp_path / "pass"))
+    monkeypatch.delenv("VMREPO_KEY_FILE", raising=False)
+    (tmp_path / "a.raw").write_bytes(random.Random(1).randbytes(2 * MiB))
+    (tmp_path / "vmrepo.toml").write_text(
+        f'repository = "repo"\n[remote.offsite]\nrepository = "offsite"\n'
+        f'key_file = "{tmp_path / "offsite.key"}"\n'
+        '[vm.vm1]\nsource = "file"\ndisks = { disk0 = "a.raw" }\n')
+    run_cli("init", "--encryption", "aes-256-gcm", cwd=tmp_path)
+    return tmp_path
+
+
+def _as_host(work: Path, name: str = "host.key") -> dict[str, str]:
+    return {**NO_PASSPHRASE, "VMREPO_KEY_FILE": str(work / name)}
+
+
+def test_a_key_file_opens_the_repository_without_a_passphrase(
+        work: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    added = run_json("key", "add", "--key-file", "host.key", "--label", "host1", cwd=work)
+    key_file = work / "host.key"
+    assert stat.S_IMODE(key_file.stat().st_mode) == 0o600
+    rid = RepoConfig.decode((work / "repo" / "config").read_bytes()).repository_id
+    words = key_file.read_text().split()
+    assert words[:3] == ["vmrepo-key-file", rid, added["added"]] and len(words[3]) == 64
+    # The host snapshots, lists and restores with the key file alone.
+    run_cli("snapshot", "vm1", cwd=work, env=_as_host(work))
+    run_cli("restore", "vm1@latest", "--disk", "disk0", "-o", "out.raw", cwd=work,
+            env=_as_host(work))
+    assert filecmp.cmp(work / "out.raw", work / "a.raw", shallow=False)
+    listed = run_json("key", "list", cwd=work, env=_as_host(work))["keys"]
+    assert [(k["label"], k["kdf"], k["current"]) for k in listed] == \
+        [("init", "scrypt", False), ("host1", "none", True)]
+    human = run_cli("key", "list", cwd=work, env=_as_host(work)).stdout
+    assert "key file    host1" in human and "passphrase  init" in human
+    # Opening with it reads the one record it names and runs no scrypt.
+    monkeypatch.setattr(keys.hashlib, "scrypt", _no_scrypt)
+    repo = Repository.open(LocalBackend(work / "repo"),
+                           passphrase=lambda: keys.KeyFile.read(str(key_file)))
+    assert repo.key_used is not None and repo.key_used.id == added["added"]
+    assert len(repo.snapshots()) == 1
+    # The passphrase still opens it (its unlock passes over the key file's record).
+    assert len(run_json("snapshots", cwd=work)["snapshots"]) == 1
+    # No passphrase to change under a key file.
+    res = run_cli("key", "passwd", cwd=work, env=_as_host(work), check=False)
+    assert res.returncode == exitcodes.USAGE and "no passphrase to change" in res.stderr
+    # Revoked: removing its record (with the passphrase) shuts the host out.
+    run_cli("key", "remove", added["added"][:8], cwd=work)
+    res = run_cli("snapshots", cwd=work, env=_as_host(work), check=False)
+    assert res.returncode == exitcodes.WRONG_PASSPHRASE
+    assert res.stderr.strip() == (f"vmrepo: error: the key file {key_file}: its key "
+                                  f"{added['added'][:8]} is no longer in {work / 'repo'} "
+                                  "(removed with `vmrepo key remove`?)")
+
+
+def _no_scrypt(*args: object, **kw: object) -> bytes:
+    raise AssertionError("scrypt ran")
+
+
+def test_a_key_file_that_does_not_fit_is_refused_in_one_line(work: Path) -> None:
+    run_cli("key", "add", "--key-file", "host.key", cwd=work)
+    before = run_json("key", "list", cwd=work)["keys"]
+    # The file exists: refused, and no record is left behind.
+    res = run_cli("key", "add", "--key-file", "host.key", cwd=work, check=False)
+    assert res.returncode == exitcodes.OUTPUT and "File exists" in res.stderr
+    assert run_json("key", "list", cwd=work)["keys"] == before
+    res = run_cli("key", "add", "--key-file", "nodir/host.key", cwd=work, check=False)
+    assert res.returncode == exitcodes.OUTPUT and "nodir/host.key" in res.stderr
+    assert run_json("key", "list", cwd=work)["keys"] == before
+    res = run_cli("key", "list", "--key-file", "x.key", cwd=work, check=False)
+    assert res.returncode == exitcodes.USAGE and "--key-file goes with `key add`" in res.stderr
+    text = (work / "host.key").read_text()
+    cases = {
+        "garbage": ("not a key\n", exitcodes.WRONG_PASSPHRASE, "not a vmrepo key file"),
+        "short": (text.rsplit(" ", 1)[0] + " abcd\n", exitcodes.WRONG_PASSPHRASE,
+                  "not 64 hex digits"),
+        "flipped": (text[:-3] + ("0" if text[-3] != "0" else "1") + text[-2:],
+                    exitcodes.WRONG_PASSPHRASE, "does not open its key"),
+        "other-repo": (text.replace(text.split()[1], "0" * 32),
+                       exitcodes.WRONG_PASSPHRASE, f"is of repository {'0' * 32}, not of"),
+        "binary": (None, exitcodes.WRONG_PASSPHRASE, "not text"),
+    }
+    for name, (content, code, says) in cases.items():
+        path = work / f"{name}.key"
+        if content is None:
+            path.write_bytes(b"\xff\xfe" * 40)
+        else:
+            path.write_text(content)
+        res = run_cli("snapshot", "vm1", cwd=work, env=_as_host(work, path.name), check=False)
+        assert (res.returncode, len(res.stderr.strip().splitlines())) == (code, 1), name
+        assert says in res.stderr, (name, res.stderr)
+    res = run_cli("snapshots", cwd=work, env=_as_host(work, "missing.key"), check=False)
+    assert res.returncode == exitcodes.NO_PASSPHRASE and "missing.key: cannot read" in res.stderr
+    # Nothing was written by the refused snapshots.
+    assert run_json("snapshots", cwd=work)["snapshots"] == []
+
+
+def test_each_repository_of_a_copy_opens_with_its_own_key_file(work: Path) -> None:
+    """The main repository through VMREPO_KEY_FILE, the remote through its ``key_file``."""
+    run_cli("key", "add", "--key-file", "host.key", cwd=work)
+    run_cli("-r", "offsite", "init", "--encryption", "aes-256-gcm", cwd=work)
+    # Made before the remote's key_file exists: through its path, with the passphrase.
+    run_cli("-r", str(work / "offsite"), "key", "add", "--key-file", "offsite.key", cwd=work)
+    host = _as_host(work)
+    run_cli("snapshot", "vm1", cwd=work, env=host)
+    copied = run_json("copy", "--to", "offsite", cwd=work, env=host)
+    assert copied["snapshots"] == 1
+    assert len(run_json("-r", "offsite", "snapshots", cwd=work, env=host)["snapshots"]) == 1
+    # The main repository's key file does not open the remote: it says whose it is.
+    res = run_cli("-r", str(work / "offsite"), "snapshots", cwd=work, env=host, check=False)
+    assert res.returncode == exitcodes.WRONG_PASSPHRASE and "is of repository" in res.stderr
+
+
+def test_a_remote_key_file_that_is_not_a_path_is_a_config_error(work: Path) -> None:
+    (work / "bad.toml").write_text('[remote.offsite]\nrepository = "offsite"\nkey_file = 3\n')
+    res = run_cli("--config", "bad.toml", "-r", "offsite", "snapshots", cwd=work, check=False)
+    assert res.returncode == exitcodes.CONFIG
+    assert "remote offsite: key_file must be a non-empty string" in res.stderr
