@@ -50,12 +50,18 @@ from vmrepo.units import human_bytes, parse_size
 
 from tests.s3server import MotoServer  # noqa: E402 - the tests' loopback S3 endpoint
 
-VMREPO_PATHS = ("file", "plain", "qmp", "qmp-64k", "qmp-1m", "nbd", "s3")
+VMREPO_PATHS = ("file", "plain", "file-key", "qmp", "qmp-plain", "qmp-key", "qmp-64k",
+                "qmp-1m", "nbd", "nbd-plain", "s3")
 LOCAL_PATHS = tuple(p for p in VMREPO_PATHS if p != "s3")
-#: vmrepo paths into repositories without encryption (the others use the default, encrypted).
-PLAIN = ("plain",)
+#: vmrepo paths into repositories without encryption, as borg runs (the others encrypted).
+PLAIN = ("plain", "qmp-plain", "nbd-plain")
+#: Encrypted paths opened with a key file (``VMREPO_KEY_FILE``), the others by passphrase.
+KEY_FILE = ("file-key", "qmp-key")
 #: vmrepo paths reading the disk through the QEMU VM (their incrementals use its bitmaps).
-QEMU_PATHS = ("qmp", "qmp-64k", "qmp-1m", "nbd")
+QEMU_PATHS = ("qmp", "qmp-plain", "qmp-key", "qmp-64k", "qmp-1m", "nbd", "nbd-plain")
+#: The source each vmrepo path reads (its VM's section in the config).
+SOURCE = {p: "qmp" if p.startswith("qmp") else "nbd" if p.startswith("nbd") else "file"
+          for p in VMREPO_PATHS}
 #: Chunk sizes other than the default 256 KiB.
 CHUNK = {"qmp-64k": "64K", "qmp-1m": "1M"}
 OTHERS = ("borg", "restic")
@@ -68,6 +74,11 @@ CORES = len(os.sched_getaffinity(0))
 LEGEND = {
     "file": "the file source reading the raw file",
     "plain": "the same into a repository without encryption (`init --encryption none`)",
+    "file-key": "the file source into an encrypted repository opened with a key file "
+                "(`VMREPO_KEY_FILE`: no scrypt) instead of a passphrase",
+    "qmp-plain": "QMP push into a repository without encryption",
+    "qmp-key": "QMP push into an encrypted repository opened with a key file",
+    "nbd-plain": "NBD pull into a repository without encryption",
     "qmp": "QMP push (QEMU's backup job writes into vmrepo over NBD)",
     "qmp-64k": "QMP push into a repository of 64 KiB chunks",
     "qmp-1m": "QMP push into a repository of 1 MiB chunks",
@@ -119,12 +130,11 @@ class Bench:
         make_image(self.raw, self.size, random.Random(42))
         subprocess.run(["qemu-img", "convert", "-q", "-f", "raw", "-O", "qcow2", str(self.raw),
                         str(self.qcow2)], check=True)
-        sections = [f'[vm.{p}]\nsource = "file"\ndisks = {{ disk0 = "{self.raw}" }}\n'
-                    for p in ("file", "plain", "s3")]
-        sections += [f'[vm.{p}]\nsource = "qmp"\nsocket = "{self.work}/vm.qmp"\n'
-                     f'disks = ["disk0"]\n' for p in ("qmp", *CHUNK)]
-        sections.append(f'[vm.nbd]\nsource = "nbd"\nsocket = "{self.work}/vm.qmp"\n'
-                        f'disks = ["disk0"]\nscratch = "{self.work}"\nfleece_reserve = "256M"\n')
+        how = {"file": f'disks = {{ disk0 = "{self.raw}" }}\n',
+               "qmp": f'socket = "{self.work}/vm.qmp"\ndisks = ["disk0"]\n',
+               "nbd": f'socket = "{self.work}/vm.qmp"\ndisks = ["disk0"]\n'
+                      f'scratch = "{self.work}"\nfleece_reserve = "256M"\n'}
+        sections = [f'[vm.{p}]\nsource = "{SOURCE[p]}"\n{how[SOURCE[p]]}' for p in VMREPO_PATHS]
         self.cfg.write_text("".join(sections))
         (self.work / "passphrase").write_text("bench passphrase\n")
         if any(p in self.paths for p in QEMU_PATHS):
@@ -153,12 +163,18 @@ class Bench:
         if path == "restic":
             return {"RESTIC_REPOSITORY": str(self.repo(path)), "RESTIC_PASSWORD": "bench",
                     "RESTIC_CACHE_DIR": str(self.work / "restic-cache")}
-        env = {"VMREPO_CACHE_DIR": str(self.work / f"cache-{path}"),
-               "VMREPO_PASSWORD_FILE": str(self.work / "passphrase")}
+        env = {"VMREPO_CACHE_DIR": str(self.work / f"cache-{path}")}
+        if path in KEY_FILE:
+            env["VMREPO_KEY_FILE"] = str(self._key_file(path))
+        else:
+            env["VMREPO_PASSWORD_FILE"] = str(self.work / "passphrase")
         if path == "s3" and self.s3 is not None:
             env.update(AWS_ENDPOINT_URL=self.s3.endpoint, AWS_ACCESS_KEY_ID="bench",
                        AWS_SECRET_ACCESS_KEY="bench-secret", AWS_DEFAULT_REGION="us-east-1")
         return env
+
+    def _key_file(self, path: str) -> Path:
+        return self.work / f"{path}.key"
 
     def _vmrepo(self, path: str, *args: str) -> list[str]:
         return [self.vmrepo, "-r", self.location(path), "--config", str(self.cfg), *args]
@@ -181,7 +197,15 @@ class Bench:
             self._s3_round += path == "s3"
             cmd = self._vmrepo(path, "init", "--chunk-size", CHUNK.get(path, "256K"),
                                "--encryption", "none" if path in PLAIN else "aes-256-gcm")
+        if path in KEY_FILE:  # made with a passphrase, then opened by the key file alone
+            env = {**env, "VMREPO_PASSWORD_FILE": str(self.work / "passphrase")}
+            env.pop("VMREPO_KEY_FILE")
+            self._key_file(path).unlink(missing_ok=True)
         subprocess.run(cmd, env=env, check=True, stdout=subprocess.DEVNULL)
+        if path in KEY_FILE:
+            subprocess.run(self._vmrepo(path, "key", "add", "--key-file",
+                                        str(self._key_file(path))),
+                           env=env, check=True, stdout=subprocess.DEVNULL)
 
     # -- phases ----------------------------------------------------------------
 
@@ -349,11 +373,18 @@ def targets(b: Bench, table: dict[tuple[str, str], Result]) -> list[Target]:
                           timing=(r.m.seconds, o.m.seconds * goal, r.cpu / CORES)
                           if r and o and what == "time" else None))
 
-    faster("qmp", "full, QMP push", "full", "borg", 2.5)
-    faster("nbd", "full, NBD pull", "full", "borg", 2.5)
-    faster("file", "full, file source", "full", "borg", 3)
-    faster("file", "full, file source", "full", "restic", 4)
-    for path, label in (("qmp", "QMP push"), ("nbd", "NBD pull")):
+    # Against borg (run without encryption): vmrepo encrypted, and without encryption as
+    # borg; against restic (which always encrypts): opened by passphrase as restic is, and
+    # by a key file, as an unattended host would run it.
+    for path, plain, label, goal in (("qmp", "qmp-plain", "QMP push", 2.5),
+                                     ("nbd", "nbd-plain", "NBD pull", 2.5),
+                                     ("file", "plain", "file source", 3)):
+        faster(path, f"full, {label}, encrypted", "full", "borg", goal)
+        faster(plain, f"full, {label}, no encryption (as borg)", "full", "borg", goal)
+    faster("file", "full, file source, passphrase", "full", "restic", 4)
+    faster("file-key", "full, file source, key file", "full", "restic", 4)
+    for path, label in (("qmp", "QMP push, passphrase"), ("nbd", "NBD pull, passphrase"),
+                        ("qmp-key", "QMP push, key file")):
         fraction(path, f"incremental through QEMU ({label}, 256 KiB chunks)", "time",
                  "restic", 0.1)
     for path, label in (("qmp", "QMP push"), ("nbd", "NBD pull")):
@@ -361,7 +392,8 @@ def targets(b: Bench, table: dict[tuple[str, str], Result]) -> list[Target]:
                  "restic", 0.5)
     fraction("qmp-64k", "incremental through QEMU (QMP push, 64 KiB chunks)", "added bytes",
              "restic", 0.2)
-    for path, label in (("file", "file source"), ("qmp", "QMP push"), ("nbd", "NBD pull")):
+    for path, label in (("file", "file source, passphrase"), ("qmp", "QMP push, passphrase"),
+                        ("nbd", "NBD pull, passphrase"), ("qmp-key", "QMP push, key file")):
         faster(path, f"restore, {label}", "restore", "restic", 3)
     # The memory target covers the runs the targets name: every source at every chunk
     # size into a local repository; S3 (boto3 adds some 40 MB) is reported beside it.
@@ -414,8 +446,10 @@ def encryption_cost(table: dict[tuple[str, str], Result]) -> str | None:
 
 def legend(paths: list[str]) -> str:
     return ("Paths: " + "; ".join(f"`{p}` {LEGEND[p]}" for p in paths) + ". Every vmrepo "
-            "repository but `plain`'s is encrypted (aes-256-gcm) and of 256 KiB chunks unless "
-            "its name says otherwise. Columns: wall seconds; the disk's size over that time; "
+            "repository but the `plain` ones is encrypted (aes-256-gcm) and opened by "
+            "passphrase (scrypt, as restic's) unless its name says `key`, and of 256 KiB chunks "
+            "unless its name says otherwise. Columns: wall seconds; the disk's size over that "
+            "time; "
             "what vmrepo read from the source (an incremental through QEMU's bitmaps reads only "
             "what changed); the repository's growth; the command's peak RSS; its CPU seconds "
             "(user and system, all threads); QEMU's CPU seconds meanwhile (snapshots through "

@@ -19,8 +19,9 @@ import pytest
 TOP = Path(__file__).resolve().parent.parent
 BENCH = TOP / "bench"
 PHASES = ("full", "incremental", "restore")
-VMREPO_PATHS = ("file", "plain", "qmp", "qmp-64k", "qmp-1m", "nbd")
-QEMU_PATHS = ("qmp", "qmp-64k", "qmp-1m", "nbd")
+VMREPO_PATHS = ("file", "plain", "file-key", "qmp", "qmp-plain", "qmp-key", "qmp-64k",
+                "qmp-1m", "nbd", "nbd-plain")
+QEMU_PATHS = ("qmp", "qmp-plain", "qmp-key", "qmp-64k", "qmp-1m", "nbd", "nbd-plain")
 
 pytestmark = pytest.mark.slow
 
@@ -102,7 +103,7 @@ def test_bench_quick_runs_every_path(tmp_path: Path) -> None:
         float(rows[("qmp", "incremental")]["added MiB"]) < \
         float(rows[("qmp-1m", "incremental")]["added MiB"])
 
-    assert len(targets) == 13
+    assert len(targets) == 19
     for t in targets:
         if "borg" in t["target"] and "borg" not in others or \
                 "restic" in t["target"] and "restic" not in others:
