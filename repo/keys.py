@@ -26,6 +26,7 @@ import hashlib
 import os
 import secrets
 import socket
+import stat
 import subprocess
 import zlib
 from collections.abc import Mapping
@@ -140,7 +141,8 @@ class KeyFile:
         return f"{KEY_FILE_MAGIC} {self.repository_id} {self.key_id} {self.secret.hex()}\n"
 
     def create(self) -> None:
-        """Write the file, readable by its owner only; refuse one that exists."""
+        """Write the file, readable by its owner only, and make it durable; refuse one that
+        exists. Interrupted or failed, it leaves no file behind."""
         try:
             fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
         except OSError as exc:
@@ -150,9 +152,16 @@ class KeyFile:
                 f.write(self.text())
                 f.flush()
                 os.fsync(f.fileno())
-        except OSError as exc:
+            directory = os.open(os.path.dirname(os.path.abspath(self.path)), os.O_RDONLY)
+            try:
+                os.fsync(directory)
+            finally:
+                os.close(directory)
+        except BaseException as exc:
             self.remove()
-            raise KeyFileError(self.path, exc.strerror or str(exc)) from None
+            if isinstance(exc, OSError):
+                raise KeyFileError(self.path, exc.strerror or str(exc)) from None
+            raise
 
     def remove(self) -> None:
         with contextlib.suppress(OSError):
@@ -160,7 +169,12 @@ class KeyFile:
 
     @classmethod
     def read(cls, path: str) -> KeyFile:
+        """The key file at ``path``: KeyFileError (``readable`` False) if it cannot be read,
+        KeyFileError if it is not a key file. Only its first ``vmrepo-key-file`` line counts;
+        a file others may read is accepted (the caller may warn: :meth:`exposed`)."""
         try:
+            if not stat.S_ISREG(os.stat(path).st_mode):  # a FIFO would block, a device lie
+                raise KeyFileError(path, "cannot read it: not a regular file", readable=False)
             with open(path, encoding="ascii") as f:
                 text = f.read(4096)
         except OSError as exc:
@@ -168,8 +182,9 @@ class KeyFile:
                                readable=False) from None
         except UnicodeDecodeError:
             raise KeyFileError(path, "not a vmrepo key file (not text)") from None
-        parts = text.split()
-        if len(parts) != 4 or parts[0] != KEY_FILE_MAGIC:
+        line = next((ln for ln in text.splitlines() if ln.startswith(KEY_FILE_MAGIC + " ")), "")
+        parts = line.split()
+        if len(parts) != 4:
             raise KeyFileError(path, "not a vmrepo key file (`vmrepo key add --key-file` "
                                      "writes one)")
         try:
@@ -181,6 +196,14 @@ class KeyFile:
         if not all(c in "0123456789abcdef" for c in parts[2]) or len(parts[2]) != 32:
             raise KeyFileError(path, "its key id is not 32 hex digits (damaged?)")
         return cls(parts[1], parts[2], secret, path)
+
+    def exposed(self) -> int | None:
+        """The file's mode if users other than its owner may read or write it, else None."""
+        try:
+            mode = stat.S_IMODE(os.stat(self.path).st_mode)
+        except OSError:
+            return None
+        return mode if mode & 0o077 else None
 
 
 def _kek(passphrase: str, salt: bytes, n: int, r: int, p: int) -> bytes:
@@ -286,26 +309,34 @@ def unlock(store: RepoStore, repository_id: str, passphrase: str) -> tuple[Maste
 def unlock_with_file(store: RepoStore, repository_id: str,
                      key_file: KeyFile) -> tuple[MasterKey, KeyInfo]:
     """The master key, opened by the record ``key_file`` names (one read, no scrypt);
-    WrongPassphrase saying why if it does not open."""
+    WrongPassphrase saying why if it does not open, IntegrityError if that record is
+    damaged."""
     where = f"the key file {key_file.path}"
     if key_file.repository_id != repository_id:
         raise WrongPassphrase(f"{where} is of repository {key_file.repository_id}, not of "
                               f"{store.backend.location} ({repository_id})")
+    key = key_key(key_file.key_id)
     try:
-        rec = store.get_record(RecordKind.KEY, key_key(key_file.key_id), KEY_VERSION)
+        rec = store.get_record(RecordKind.KEY, key, KEY_VERSION)
         info = _info(rec)
-        if info.kdf != KDF_NONE:
-            raise ValueError("not a key file's record")
-        raw = ChaCha20Poly1305(key_file.secret).decrypt(_NONCE, bytes(rec["sealed"]),
-                                                        _aad(repository_id))
+        sealed = bytes(rec["sealed"])
     except ObjectNotFound:
-        raise WrongPassphrase(f"{where}: its key {key_file.key_id[:8]} is no longer in "
-                              f"{store.backend.location} (removed with `vmrepo key "
-                              "remove`?)") from None
-    except (InvalidTag, IntegrityError, IncompatibleRepository, KeyError, TypeError,
-            ValueError, AttributeError):
+        raise WrongPassphrase(f"{where}: its key {key_file.key_id[:8]} is not in "
+                              f"{store.backend.location} (removed with `vmrepo key remove`, "
+                              "or never stored: `key add` interrupted)") from None
+    except (IntegrityError, IncompatibleRepository, KeyError, TypeError,
+            AttributeError) as exc:
+        raise IntegrityError(f"the key record {key} that {where} names is damaged ({exc}); "
+                             "a passphrase opens the repository by another record", key=key
+                             ) from None
+    if info.kdf != KDF_NONE:
+        raise WrongPassphrase(f"{where} names key {key_file.key_id[:8]} of "
+                              f"{store.backend.location}, which is a passphrase's")
+    try:
+        raw = ChaCha20Poly1305(key_file.secret).decrypt(_NONCE, sealed, _aad(repository_id))
+    except InvalidTag:
         raise WrongPassphrase(f"{where} does not open its key {key_file.key_id[:8]} of "
-                              f"{store.backend.location}") from None
+                              f"{store.backend.location} (a damaged copy of the file?)") from None
     return MasterKey.from_raw(raw), info
 
 

@@ -107,10 +107,11 @@ class Repository:
         return cls(backend, config, **kw)
 
     @classmethod
-    def open(cls, backend: Backend, passphrase: Callable[[], str | keys.KeyFile] | None = None,
+    def open(cls, backend: Backend,
+             passphrase: Callable[[str], str | keys.KeyFile] | None = None,
              **kw: Any) -> Repository:
         """Open the repository at ``backend``; an encrypted one is unlocked with the
-        passphrase or key file ``passphrase()`` gives (asked only then)."""
+        passphrase or key file ``passphrase(repository_id)`` gives (asked only then)."""
         try:
             raw = backend.get(CONFIG_KEY)
         except ObjectNotFound:
@@ -122,7 +123,7 @@ class Repository:
                                    "(VMREPO_PASSWORD_FILE, VMREPO_PASSWORD_COMMAND or a "
                                    "terminal)")
             plain = RepoStore(backend, Codec(), Hasher(bytes(32)), None)
-            secret = passphrase()
+            secret = passphrase(config.repository_id)
             kw["master"], used = (
                 keys.unlock_with_file(plain, config.repository_id, secret)
                 if isinstance(secret, keys.KeyFile)

@@ -171,6 +171,9 @@ def load_settings(explicit: str | None, env: Mapping[str, str] = os.environ) -> 
             if secret in table and not (isinstance(table[secret], str) and table[secret]):
                 raise ConfigError(f"config file {path}: remote {name}: {secret} must be a "
                                   "non-empty string", str(path))
+        if "key_file" in table:  # like its repository, relative to the config file
+            table["key_file"] = str((path.parent / os.path.expanduser(table["key_file"]))
+                                    .absolute())
     settings = Settings(path, os.path.expanduser(repo) if repo else None, vms, storage, remotes,
                         parse_policy(doc["keep"], "keep", path) if "keep" in doc else None)
     for name in vms:  # a bad policy is reported when the file is read, not when used

@@ -237,7 +237,7 @@ def test_copies_between_repositories_sharing_keys_move_sealed_packs(work: Path) 
     # Every blob there holds the very bytes sealed here (re-sealing would take a new salt);
     # the packs' headers are the offsite's own, and it verifies clean.
     src, dst = (Repository.open(LocalBackend(work / name), cache=Cache(work / f"c-{name}"),
-                                passphrase=lambda: "correct horse battery staple")
+                                passphrase=lambda _rid: "correct horse battery staple")
                 for name in ("repo", "offsite"))
     blobs = 0
     for pid in dst.existing_packs():

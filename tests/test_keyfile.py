@@ -5,6 +5,7 @@ its record, and refused with one line and exit code 16 or 17 when it does not fi
 from __future__ import annotations
 
 import filecmp
+import os
 import random
 import stat
 from pathlib import Path
@@ -60,7 +61,7 @@ def test_a_key_file_opens_the_repository_without_a_passphrase(
     # Opening with it reads the one record it names and runs no scrypt.
     monkeypatch.setattr(keys.hashlib, "scrypt", _no_scrypt)
     repo = Repository.open(LocalBackend(work / "repo"),
-                           passphrase=lambda: keys.KeyFile.read(str(key_file)))
+                           passphrase=lambda _rid: keys.KeyFile.read(str(key_file)))
     assert repo.key_used is not None and repo.key_used.id == added["added"]
     assert len(repo.snapshots()) == 1
     # The passphrase still opens it (its unlock passes over the key file's record).
@@ -73,8 +74,9 @@ def test_a_key_file_opens_the_repository_without_a_passphrase(
     res = run_cli("snapshots", cwd=work, env=_as_host(work), check=False)
     assert res.returncode == exitcodes.WRONG_PASSPHRASE
     assert res.stderr.strip() == (f"vmrepo: error: the key file {key_file}: its key "
-                                  f"{added['added'][:8]} is no longer in {work / 'repo'} "
-                                  "(removed with `vmrepo key remove`?)")
+                                  f"{added['added'][:8]} is not in {work / 'repo'} (removed "
+                                  "with `vmrepo key remove`, or never stored: `key add` "
+                                  "interrupted)")
 
 
 def _no_scrypt(*args: object, **kw: object) -> bytes:
@@ -100,8 +102,9 @@ def test_a_key_file_that_does_not_fit_is_refused_in_one_line(work: Path) -> None
                   "not 64 hex digits"),
         "flipped": (text[:-3] + ("0" if text[-3] != "0" else "1") + text[-2:],
                     exitcodes.WRONG_PASSPHRASE, "does not open its key"),
-        "other-repo": (text.replace(text.split()[1], "0" * 32),
-                       exitcodes.WRONG_PASSPHRASE, f"is of repository {'0' * 32}, not of"),
+        # Another repository's: this one is left to its passphrase, and there is none.
+        "other-repo": (text.replace(text.split()[1], "0" * 32), exitcodes.NO_PASSPHRASE,
+                       f"other-repo.key is the key file of repository {'0' * 32})"),
         "binary": (None, exitcodes.WRONG_PASSPHRASE, "not text"),
     }
     for name, (content, code, says) in cases.items():
@@ -110,11 +113,24 @@ def test_a_key_file_that_does_not_fit_is_refused_in_one_line(work: Path) -> None
             path.write_bytes(b"\xff\xfe" * 40)
         else:
             path.write_text(content)
+        path.chmod(0o600)
         res = run_cli("snapshot", "vm1", cwd=work, env=_as_host(work, path.name), check=False)
         assert (res.returncode, len(res.stderr.strip().splitlines())) == (code, 1), name
         assert says in res.stderr, (name, res.stderr)
     res = run_cli("snapshots", cwd=work, env=_as_host(work, "missing.key"), check=False)
     assert res.returncode == exitcodes.NO_PASSPHRASE and "missing.key: cannot read" in res.stderr
+    os.mkfifo(work / "fifo.key")  # refused, not waited on
+    res = run_cli("snapshots", cwd=work, env=_as_host(work, "fifo.key"), check=False)
+    assert res.returncode == exitcodes.NO_PASSPHRASE and "not a regular file" in res.stderr
+    # Readable by others: used, with a warning.
+    (work / "host.key").chmod(0o644)
+    res = run_cli("snapshots", cwd=work, env=_as_host(work))
+    assert "may be read by other users (mode 0644)" in res.stderr
+    # Its record damaged in the store: damage (14), not a wrong key file.
+    record = next((work / "repo" / "keys").glob(text.split()[2]))
+    record.write_bytes(record.read_bytes()[:-5])
+    res = run_cli("snapshots", cwd=work, env=_as_host(work), check=False)
+    assert res.returncode == exitcodes.INTEGRITY and "is damaged" in res.stderr
     # Nothing was written by the refused snapshots.
     assert run_json("snapshots", cwd=work)["snapshots"] == []
 
@@ -130,9 +146,44 @@ def test_each_repository_of_a_copy_opens_with_its_own_key_file(work: Path) -> No
     copied = run_json("copy", "--to", "offsite", cwd=work, env=host)
     assert copied["snapshots"] == 1
     assert len(run_json("-r", "offsite", "snapshots", cwd=work, env=host)["snapshots"]) == 1
-    # The main repository's key file does not open the remote: it says whose it is.
-    res = run_cli("-r", str(work / "offsite"), "snapshots", cwd=work, env=host, check=False)
+    # Named by VMREPO_REPOSITORY, the remote still takes its own key file.
+    assert len(run_json("snapshots", cwd=work, env={**host, "VMREPO_REPOSITORY": "offsite"}
+                        )["snapshots"]) == 1
+    # A remote named by its path, without a secret in the config: the main repository's
+    # key file is not its key, so the passphrase opens it (a copy made by the host).
+    run_cli("-r", "plainpath", "init", "--encryption", "aes-256-gcm", cwd=work)
+    with_both = {**host, "VMREPO_PASSWORD_FILE": str(work / "pass")}
+    assert run_json("copy", "--to", str(work / "plainpath"), cwd=work,
+                    env=with_both)["snapshots"] == 1
+    res = run_cli("-r", "plainpath", "snapshots", cwd=work, env=host, check=False)
+    assert res.returncode == exitcodes.NO_PASSPHRASE and "is the key file of" in res.stderr
+    # A remote's own key_file of another repository is a mistake, said as such.
+    (work / "offsite.key").write_text((work / "host.key").read_text())
+    res = run_cli("-r", "offsite", "snapshots", cwd=work, env=host, check=False)
     assert res.returncode == exitcodes.WRONG_PASSPHRASE and "is of repository" in res.stderr
+
+
+def test_the_last_passphrase_is_kept(work: Path) -> None:
+    added = run_json("key", "add", "--key-file", "host.key", cwd=work)["added"]
+    first = run_json("key", "list", cwd=work)["keys"][0]["id"]
+    res = run_cli("key", "remove", first[:8], cwd=work, env=_as_host(work), check=False)
+    assert res.returncode == exitcodes.USAGE and "is the last passphrase" in res.stderr
+    res = run_cli("key", "remove", added[:8], cwd=work, env=_as_host(work), check=False)
+    assert res.returncode == exitcodes.USAGE and "opened the repository with" in res.stderr
+    assert "passwd" not in res.stderr  # which has nothing to change under a key file
+
+
+def test_an_interrupted_key_file_is_not_left(tmp_path: Path,
+                                             monkeypatch: pytest.MonkeyPatch) -> None:
+    made = keys.KeyFile.new("0" * 32, str(tmp_path / "k"))
+
+    def interrupted(fd: int) -> None:
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(keys.os, "fsync", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        made.create()
+    assert not (tmp_path / "k").exists()
 
 
 def test_a_remote_key_file_that_is_not_a_path_is_a_config_error(work: Path) -> None:

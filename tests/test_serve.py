@@ -69,7 +69,7 @@ def passphrase(work: Path, monkeypatch: pytest.MonkeyPatch) -> None:
 
 
 def open_repo(path: Path) -> Repository:
-    return Repository.open(LocalBackend(path), passphrase=lambda: PASSPHRASE)
+    return Repository.open(LocalBackend(path), passphrase=lambda _rid: PASSPHRASE)
 
 
 def tree(path: Path) -> dict[str, str]:

@@ -213,44 +213,61 @@ class Context:
             raise RepositoryNotFound(exc.location, f"nor a [remote.{word}] in the "
                                      f"config; its remotes: {remotes}") from None
         repo = Repository.open(backend, report=self.report,
-                               passphrase=lambda: self.passphrase(name_or_url,
-                                                                  backend.location))
+                               passphrase=lambda rid: self.passphrase(name_or_url,
+                                                                      backend.location, rid))
         self._opened.append(repo)
         return repo
+
+    def _remote(self, name_or_url: str | None) -> dict[str, Any]:
+        """The ``[remote.NAME]`` table of a repository (``-r``, else the config's), if any."""
+        target = name_or_url if name_or_url is not None else self.repo_url()
+        return self.settings.remotes.get(target, {})
 
     def _password_env(self, name_or_url: str | None, prefix: str = "VMREPO") -> dict[str, str]:
         """Where a repository's passphrase comes from: its remote's ``password_file`` or
         ``password_command``, else ``$<prefix>_PASSWORD_FILE`` / ``_COMMAND``."""
-        remote = self.settings.remotes.get(name_or_url or self.opts.repo or "")
-        if prefix == "VMREPO" and remote and ("password_file" in remote or
-                                              "password_command" in remote):
+        remote = self._remote(name_or_url)
+        if prefix == "VMREPO" and ("password_file" in remote or "password_command" in remote):
             return {"VMREPO_PASSWORD_FILE": str(remote.get("password_file", "")),
                     "VMREPO_PASSWORD_COMMAND": str(remote.get("password_command", ""))}
         return {k.replace(prefix, "VMREPO", 1): v for k, v in os.environ.items()
                 if k.startswith(prefix + "_PASSWORD_")}
 
-    def key_file(self, name_or_url: str | None) -> str | None:
-        """The key file that opens a repository: its remote's ``key_file``, else
-        ``$VMREPO_KEY_FILE`` (for the main repository and remotes without secrets of
-        their own)."""
-        remote = self.settings.remotes.get(name_or_url or self.opts.repo or "")
-        if remote and "key_file" in remote:
-            return str(remote["key_file"])
-        if remote and ("password_file" in remote or "password_command" in remote):
+    def _key_file(self, name_or_url: str | None) -> tuple[str, bool] | None:
+        """The key file for a repository and whether its remote names it (``key_file``),
+        else ``$VMREPO_KEY_FILE`` for the main repository and remotes without a secret of
+        their own."""
+        remote = self._remote(name_or_url)
+        if "key_file" in remote:
+            return str(remote["key_file"]), True
+        if "password_file" in remote or "password_command" in remote:
             return None
-        return os.environ.get("VMREPO_KEY_FILE") or None
+        path = os.environ.get("VMREPO_KEY_FILE")
+        return (os.path.expanduser(path), False) if path else None
 
-    def passphrase(self, name_or_url: str | None, location: str) -> str | KeyFile:
-        """What opens a repository: its key file (:meth:`key_file`), else its passphrase
+    def passphrase(self, name_or_url: str | None, location: str,
+                   repository_id: str) -> str | KeyFile:
+        """What opens a repository: its key file (:meth:`_key_file`), else its passphrase
         (:meth:`_password_env`), else one asked on the terminal. Never taken from the
-        command line."""
-        path = self.key_file(name_or_url)
-        if path is not None:
+        command line. ``$VMREPO_KEY_FILE`` of another repository (the source of a copy,
+        say) leaves this one to its passphrase."""
+        chosen = self._key_file(name_or_url)
+        other: KeyFile | None = None
+        if chosen is not None:
             try:
-                return KeyFile.read(path)
+                key_file = KeyFile.read(chosen[0])
             except KeyFileError as exc:
                 raise (NoPassphrase if not exc.readable else WrongPassphrase)(
                     f"the key file {exc}") from None
+            if key_file.repository_id == repository_id or chosen[1]:
+                mode = key_file.exposed()
+                if mode is not None:
+                    self.warn(f"the key file {key_file.path} may be read by other users "
+                              f"(mode {mode:04o}): `chmod 600 {key_file.path}`")
+                return key_file
+            other = key_file
+            log.info("%s is the key file of repository %s: %s opens by passphrase",
+                     key_file.path, key_file.repository_id, location)
         found = passphrase_from_env(self._password_env(name_or_url))
         if found == "":
             raise NoPassphrase(f"the passphrase for {location} is empty (the first line of "
@@ -261,8 +278,10 @@ class Context:
             return str(click.prompt(f"passphrase for {location}", hide_input=True, err=True,
                                     show_default=False))
         raise NoPassphrase(f"{location} is encrypted and no passphrase can be read: set "
-                           "VMREPO_PASSWORD_FILE (or VMREPO_PASSWORD_COMMAND), or run on a "
-                           "terminal")
+                           "VMREPO_PASSWORD_FILE (or VMREPO_PASSWORD_COMMAND, or "
+                           "VMREPO_KEY_FILE), or run on a terminal" + (
+                               f" (VMREPO_KEY_FILE {other.path} is the key file of repository "
+                               f"{other.repository_id})" if other else ""))
 
     def new_passphrase(self, name_or_url: str | None, location: str,
                        prefix: str = "VMREPO") -> str:
