@@ -500,6 +500,8 @@ def main() -> None:
     ap.add_argument("--quick", action="store_true", help="a 192 MiB disk, one round")
     ap.add_argument("--skip", action="append", default=[], choices=(*VMREPO_PATHS, *OTHERS),
                     help="leave out a path")
+    ap.add_argument("--only", action="append", default=[], choices=(*VMREPO_PATHS, *OTHERS),
+                    help="run only this path (repeatable)")
     ap.add_argument("--keep", type=Path, help="work in DIR and keep it")
     ap.add_argument("--docs", type=Path, help="write the results into this document "
                     "(default for a run without --quick or --skip: docs/benchmarks.md)")
@@ -510,13 +512,14 @@ def main() -> None:
     if args.quick:
         size, rounds = 192 << 20, 1
     docs = args.docs
-    if docs is None and not (args.quick or args.skip or args.no_docs):
+    if docs is None and not (args.quick or args.skip or args.only or args.no_docs):
         docs = docsgen.DEFAULT_DOCS
     if args.no_docs:
         docs = None
-    paths = [p for p in (*VMREPO_PATHS, *OTHERS) if p not in args.skip
-             and (p in VMREPO_PATHS or shutil.which(p))]
-    missing = [p for p in OTHERS if p not in args.skip and p not in paths]
+    wanted = [p for p in (*VMREPO_PATHS, *OTHERS) if p not in args.skip
+              and (not args.only or p in args.only)]
+    paths = [p for p in wanted if p in VMREPO_PATHS or shutil.which(p)]
+    missing = [p for p in OTHERS if p in wanted and p not in paths]
     if missing:
         print(f"bench: {' and '.join(missing)} not installed, left out", flush=True)
     work = args.keep or Path(tempfile.mkdtemp(prefix="vmrepo-bench-", dir="/var/tmp"))
