@@ -3,11 +3,12 @@
 Builds a disk image (default 2 GiB: a third random, a third text-like, a
 third holes) as a raw file and as the qcow2 disk of a paused QEMU VM, then:
 
-* full backups through vmrepo's file source (into an encrypted repository, the
-  default, and into one with ``--encryption none``), QMP push (with 256 KiB
-  chunks, and into repositories with 64 KiB and 1 MiB chunks) and NBD pull, borg
-  (``--compression zstd,3``, no encryption) and restic, into fresh
-  repositories, the tools taking turns, best of ``--rounds``;
+* full backups through vmrepo's file source, QMP push and NBD pull (each into
+  an encrypted repository opened by passphrase, the default, and into one with
+  ``--encryption none``; the file source and QMP push also into an encrypted
+  one opened by a key file; QMP push also into repositories of 64 KiB and
+  1 MiB chunks), borg (``--compression zstd,3``, no encryption) and restic,
+  into fresh repositories, the tools taking turns, best of ``--rounds``;
 * 4 KiB writes into 1% of the 64 KiB blocks (through QEMU for the VM, the same
   bytes into the raw file), then an incremental backup with each (vmrepo
   through QEMU's bitmaps; restic, borg and the file source re-read);
@@ -19,12 +20,13 @@ and prints one markdown table with throughput, bytes read and stored, peak
 memory, CPU time (QEMU's too) and the ratios against borg and restic, then the
 targets (each ratio, met or missed), the least time each timed target's CPU
 work allows with every core busy, and the cost of encryption. A run that
-leaves out no path writes the same into docs/benchmarks.md, between the markers
+leaves out no path (no ``--skip`` or ``--only``) writes the same into
+docs/benchmarks.md, between the markers
 ``<!-- bench.py: begin -->`` and ``<!-- bench.py: end -->`` (``--docs PATH``
 elsewhere, ``--no-docs`` not at all; ``--quick`` writes only with ``--docs``).
 
-    python bench/bench.py [--size 2G] [--rounds 2] [--quick] [--skip PATH] [--keep DIR]
-                          [--docs PATH | --no-docs]
+    python bench/bench.py [--size 2G] [--rounds 2] [--quick] [--skip PATH] [--only PATH]
+                          [--keep DIR] [--docs PATH | --no-docs]
 """
 
 from __future__ import annotations
@@ -163,9 +165,10 @@ class Bench:
         if path == "restic":
             return {"RESTIC_REPOSITORY": str(self.repo(path)), "RESTIC_PASSWORD": "bench",
                     "RESTIC_CACHE_DIR": str(self.work / "restic-cache")}
-        env = {"VMREPO_CACHE_DIR": str(self.work / f"cache-{path}")}
+        env = {"VMREPO_CACHE_DIR": str(self.work / f"cache-{path}"), "VMREPO_KEY_FILE": "",
+               "VMREPO_PASSWORD_COMMAND": ""}  # not the operator's own
         if path in KEY_FILE:
-            env["VMREPO_KEY_FILE"] = str(self._key_file(path))
+            env.update(VMREPO_KEY_FILE=str(self._key_file(path)), VMREPO_PASSWORD_FILE="")
         else:
             env["VMREPO_PASSWORD_FILE"] = str(self.work / "passphrase")
         if path == "s3" and self.s3 is not None:
@@ -198,8 +201,8 @@ class Bench:
             cmd = self._vmrepo(path, "init", "--chunk-size", CHUNK.get(path, "256K"),
                                "--encryption", "none" if path in PLAIN else "aes-256-gcm")
         if path in KEY_FILE:  # made with a passphrase, then opened by the key file alone
-            env = {**env, "VMREPO_PASSWORD_FILE": str(self.work / "passphrase")}
-            env.pop("VMREPO_KEY_FILE")
+            env = {**env, "VMREPO_PASSWORD_FILE": str(self.work / "passphrase"),
+                   "VMREPO_KEY_FILE": ""}
             self._key_file(path).unlink(missing_ok=True)
         subprocess.run(cmd, env=env, check=True, stdout=subprocess.DEVNULL)
         if path in KEY_FILE:
@@ -504,7 +507,7 @@ def main() -> None:
                     help="run only this path (repeatable)")
     ap.add_argument("--keep", type=Path, help="work in DIR and keep it")
     ap.add_argument("--docs", type=Path, help="write the results into this document "
-                    "(default for a run without --quick or --skip: docs/benchmarks.md)")
+                    "(default for a run without --quick, --skip or --only: docs/benchmarks.md)")
     ap.add_argument("--no-docs", action="store_true", help="write no document")
     args = ap.parse_args()
     size = parse_size(args.size)
@@ -519,6 +522,9 @@ def main() -> None:
     wanted = [p for p in (*VMREPO_PATHS, *OTHERS) if p not in args.skip
               and (not args.only or p in args.only)]
     paths = [p for p in wanted if p in VMREPO_PATHS or shutil.which(p)]
+    if not paths:
+        ap.error("no path left to run (--only and --skip leave none, or borg and restic are "
+                 "not installed)")
     missing = [p for p in OTHERS if p in wanted and p not in paths]
     if missing:
         print(f"bench: {' and '.join(missing)} not installed, left out", flush=True)

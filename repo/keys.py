@@ -30,7 +30,7 @@ import stat
 import subprocess
 import zlib
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
 
@@ -130,8 +130,8 @@ class KeyFile:
 
     repository_id: str
     key_id: str
-    secret: bytes
-    path: str
+    secret: bytes = field(repr=False)
+    path: str = ""
 
     @classmethod
     def new(cls, repository_id: str, path: str) -> KeyFile:
@@ -173,9 +173,12 @@ class KeyFile:
         KeyFileError if it is not a key file. Only its first ``vmrepo-key-file`` line counts;
         a file others may read is accepted (the caller may warn: :meth:`exposed`)."""
         try:
-            if not stat.S_ISREG(os.stat(path).st_mode):  # a FIFO would block, a device lie
-                raise KeyFileError(path, "cannot read it: not a regular file", readable=False)
-            with open(path, encoding="ascii") as f:
+            # Non-blocking: a FIFO put there must not hang the command (nor a device lie).
+            fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)
+            with open(fd, encoding="ascii", closefd=True) as f:
+                if not stat.S_ISREG(os.fstat(fd).st_mode):
+                    raise KeyFileError(path, "cannot read it: not a regular file",
+                                       readable=False)
                 text = f.read(4096)
         except OSError as exc:
             raise KeyFileError(path, f"cannot read it: {exc.strerror or exc}",
@@ -193,8 +196,9 @@ class KeyFile:
             secret = b""
         if len(secret) != 32:
             raise KeyFileError(path, "its secret is not 64 hex digits (damaged?)")
-        if not all(c in "0123456789abcdef" for c in parts[2]) or len(parts[2]) != 32:
-            raise KeyFileError(path, "its key id is not 32 hex digits (damaged?)")
+        for what, value in (("repository id", parts[1]), ("key id", parts[2])):
+            if len(value) != 32 or not all(c in "0123456789abcdef" for c in value):
+                raise KeyFileError(path, f"its {what} is not 32 hex digits (damaged?)")
         return cls(parts[1], parts[2], secret, path)
 
     def exposed(self) -> int | None:
@@ -223,12 +227,26 @@ def add_key(store: RepoStore, repository_id: str, master: MasterKey, passphrase:
                      "salt": salt})
 
 
-def add_key_file(store: RepoStore, master: MasterKey, key_file: KeyFile,
-                 label: str = "") -> KeyInfo:
-    """Store the key record that ``key_file`` opens: the master key sealed under its secret.
-    Write the file first (:meth:`KeyFile.create`), so no record is left that nothing opens."""
-    return _put_key(store, key_file.repository_id, master, key_file.secret, label,
-                    {"algorithm": KDF_NONE}, key_id=key_file.key_id)
+def add_key_file(store: RepoStore, repository_id: str, master: MasterKey, path: str,
+                 label: str = "") -> tuple[KeyInfo, KeyFile]:
+    """Write a new key file at ``path`` (KeyFileError if it cannot be), then store the key
+    record it opens: the master key sealed under its secret. Failed or interrupted, the
+    file is removed unless the record is known to be stored (or its store cannot say); a
+    record whose store answered too late may be left, which nothing opens and `key list`
+    shows."""
+    made = KeyFile.new(repository_id, path)
+    made.create()
+    try:
+        info = _put_key(store, repository_id, master, made.secret, label,
+                        {"algorithm": KDF_NONE}, key_id=made.key_id)
+    except BaseException:
+        stored: bool | None = None
+        with contextlib.suppress(Exception):
+            stored = store.exists(key_key(made.key_id))
+        if stored is False:
+            made.remove()
+        raise
+    return info, made
 
 
 def _put_key(store: RepoStore, repository_id: str, master: MasterKey, kek: bytes, label: str,
@@ -248,6 +266,10 @@ def _aad(repository_id: str) -> bytes:
     return f"vmrepo master key {repository_id}".encode()
 
 
+#: What reading a key record that is not one raises (besides ObjectNotFound).
+_UNREADABLE = (IntegrityError, IncompatibleRepository, KeyError, TypeError, AttributeError)
+
+
 def _info(rec: dict[str, Any]) -> KeyInfo:
     return KeyInfo(str(rec["id"]), str(rec["created"]), str(rec["host"]),
                    str(rec.get("label", "")), str(rec["kdf"].get("algorithm")))
@@ -261,8 +283,7 @@ def _records(store: RepoStore) -> list[tuple[KeyInfo, dict[str, Any]]]:
             info = _info(rec)
         except ObjectNotFound:
             continue
-        except (IntegrityError, IncompatibleRepository, KeyError, TypeError,
-                AttributeError) as exc:
+        except _UNREADABLE as exc:
             store.problem(obj.key, f"unreadable key record, ignored ({exc})")
             continue
         out.append((info, rec))
@@ -324,14 +345,19 @@ def unlock_with_file(store: RepoStore, repository_id: str,
         raise WrongPassphrase(f"{where}: its key {key_file.key_id[:8]} is not in "
                               f"{store.backend.location} (removed with `vmrepo key remove`, "
                               "or never stored: `key add` interrupted)") from None
-    except (IntegrityError, IncompatibleRepository, KeyError, TypeError,
-            AttributeError) as exc:
+    except IncompatibleRepository:
+        raise  # a newer writer's record: this vmrepo is too old for it (13), not damage
+    except _UNREADABLE as exc:
         raise IntegrityError(f"the key record {key} that {where} names is damaged ({exc}); "
                              "a passphrase opens the repository by another record", key=key
                              ) from None
+    if info.id != key_file.key_id:
+        raise IntegrityError(f"the key record {key} that {where} names holds the id "
+                             f"{info.id[:8]}: damaged or swapped", key=key)
     if info.kdf != KDF_NONE:
         raise WrongPassphrase(f"{where} names key {key_file.key_id[:8]} of "
-                              f"{store.backend.location}, which is a passphrase's")
+                              f"{store.backend.location}, which is not a key file's "
+                              f"(kdf {info.kdf})")
     try:
         raw = ChaCha20Poly1305(key_file.secret).decrypt(_NONCE, sealed, _aad(repository_id))
     except InvalidTag:

@@ -168,9 +168,11 @@ def load_settings(explicit: str | None, env: Mapping[str, str] = os.environ) -> 
         if "://" not in table["repository"] and not table["repository"].startswith("/"):
             table["repository"] = str((path.parent / table["repository"]).absolute())
         for secret in ("password_file", "password_command", "key_file"):
-            if secret in table and not (isinstance(table[secret], str) and table[secret]):
+            if secret in table and not (isinstance(table[secret], str)
+                                        and (table[secret] or secret != "key_file")):
                 raise ConfigError(f"config file {path}: remote {name}: {secret} must be a "
-                                  "non-empty string", str(path))
+                                  + ("non-empty " if secret == "key_file" else "") + "string",
+                                  str(path))
         if "key_file" in table:  # like its repository, relative to the config file
             table["key_file"] = str((path.parent / os.path.expanduser(table["key_file"]))
                                     .absolute())

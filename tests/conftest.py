@@ -24,7 +24,9 @@ def local_repo(tmp_path: Path) -> Repository:
 @pytest.fixture(autouse=True)
 def private_cache(tmp_path_factory: pytest.TempPathFactory,
                   monkeypatch: pytest.MonkeyPatch) -> Path:
-    """Every test gets its own vmrepo cache (the CLI inherits it through the environment)."""
+    """Every test gets its own vmrepo cache (the CLI inherits it through the environment),
+    and no key file from the environment it runs in."""
     path = tmp_path_factory.mktemp("cache")
     monkeypatch.setenv("VMREPO_CACHE_DIR", str(path))
+    monkeypatch.delenv("VMREPO_KEY_FILE", raising=False)  # a developer's own would leak in
     return path

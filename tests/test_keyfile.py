@@ -14,6 +14,7 @@ import pytest
 from vmrepo import exitcodes, keys
 from vmrepo.config import RepoConfig
 from vmrepo.repository import Repository
+from vmrepo.storage.errors import StoragePermission
 from vmrepo.storage.local import LocalBackend
 
 from .helpers import run_cli, run_json
@@ -48,8 +49,8 @@ def test_a_key_file_opens_the_repository_without_a_passphrase(
     rid = RepoConfig.decode((work / "repo" / "config").read_bytes()).repository_id
     words = key_file.read_text().split()
     assert words[:3] == ["vmrepo-key-file", rid, added["added"]] and len(words[3]) == 64
-    # The host snapshots, lists and restores with the key file alone.
-    run_cli("snapshot", "vm1", cwd=work, env=_as_host(work))
+    # The host snapshots, lists and restores with the key file alone, without a warning.
+    assert run_cli("snapshot", "vm1", cwd=work, env=_as_host(work)).stderr == ""
     run_cli("restore", "vm1@latest", "--disk", "disk0", "-o", "out.raw", cwd=work,
             env=_as_host(work))
     assert filecmp.cmp(work / "out.raw", work / "a.raw", shallow=False)
@@ -58,14 +59,19 @@ def test_a_key_file_opens_the_repository_without_a_passphrase(
         [("init", "scrypt", False), ("host1", "none", True)]
     human = run_cli("key", "list", cwd=work, env=_as_host(work)).stdout
     assert "key file    host1" in human and "passphrase  init" in human
-    # Opening with it reads the one record it names and runs no scrypt.
+    # Opening with it reads the one record it names (no listing of keys/) and runs no
+    # scrypt.
     monkeypatch.setattr(keys.hashlib, "scrypt", _no_scrypt)
+    monkeypatch.setattr(keys, "_records", _no_scrypt)
     repo = Repository.open(LocalBackend(work / "repo"),
                            passphrase=lambda _rid: keys.KeyFile.read(str(key_file)))
     assert repo.key_used is not None and repo.key_used.id == added["added"]
     assert len(repo.snapshots()) == 1
-    # The passphrase still opens it (its unlock passes over the key file's record).
+    # The passphrase still opens it.
     assert len(run_json("snapshots", cwd=work)["snapshots"]) == 1
+    # A repository without encryption has no keys: a key file set for another is ignored.
+    run_cli("-r", "clear", "init", "--encryption", "none", cwd=work)
+    assert run_json("-r", "clear", "snapshots", cwd=work, env=_as_host(work))["snapshots"] == []
     # No passphrase to change under a key file.
     res = run_cli("key", "passwd", cwd=work, env=_as_host(work), check=False)
     assert res.returncode == exitcodes.USAGE and "no passphrase to change" in res.stderr
@@ -80,7 +86,7 @@ def test_a_key_file_opens_the_repository_without_a_passphrase(
 
 
 def _no_scrypt(*args: object, **kw: object) -> bytes:
-    raise AssertionError("scrypt ran")
+    raise AssertionError("scrypt ran, or the key records were listed")
 
 
 def test_a_key_file_that_does_not_fit_is_refused_in_one_line(work: Path) -> None:
@@ -106,6 +112,8 @@ def test_a_key_file_that_does_not_fit_is_refused_in_one_line(work: Path) -> None
         "other-repo": (text.replace(text.split()[1], "0" * 32), exitcodes.NO_PASSPHRASE,
                        f"other-repo.key is the key file of repository {'0' * 32})"),
         "binary": (None, exitcodes.WRONG_PASSPHRASE, "not text"),
+        "bad-repo-id": (text.replace(text.split()[1], "x" * 32), exitcodes.WRONG_PASSPHRASE,
+                        "its repository id is not 32 hex digits"),
     }
     for name, (content, code, says) in cases.items():
         path = work / f"{name}.key"
@@ -125,7 +133,14 @@ def test_a_key_file_that_does_not_fit_is_refused_in_one_line(work: Path) -> None
     # Readable by others: used, with a warning.
     (work / "host.key").chmod(0o644)
     res = run_cli("snapshots", cwd=work, env=_as_host(work))
-    assert "may be read by other users (mode 0644)" in res.stderr
+    assert "is open to other users (mode 0644): `chmod 600" in res.stderr
+    # One naming a passphrase's record.
+    first = run_json("key", "list", cwd=work)["keys"][0]["id"]
+    (work / "swapped.key").write_text(text.replace(text.split()[2], first))
+    (work / "swapped.key").chmod(0o600)
+    res = run_cli("snapshots", cwd=work, env=_as_host(work, "swapped.key"), check=False)
+    assert res.returncode == exitcodes.WRONG_PASSPHRASE
+    assert "which is not a key file's (kdf scrypt)" in res.stderr
     # Its record damaged in the store: damage (14), not a wrong key file.
     record = next((work / "repo" / "keys").glob(text.split()[2]))
     record.write_bytes(record.read_bytes()[:-5])
@@ -163,6 +178,40 @@ def test_each_repository_of_a_copy_opens_with_its_own_key_file(work: Path) -> No
     assert res.returncode == exitcodes.WRONG_PASSPHRASE and "is of repository" in res.stderr
 
 
+def test_secrets_follow_the_repository_however_it_is_named(work: Path) -> None:
+    """A remote's key_file (relative to the config file) and password_file, whether the remote
+    is named by -r or $VMREPO_REPOSITORY; $VMREPO_KEY_FILE that cannot be read only warns for
+    a repository other than the main one."""
+    (work / "off-pass").write_text("offsite passphrase\n")
+    off_pass = {"VMREPO_PASSWORD_FILE": str(work / "off-pass")}
+    run_cli("-r", "off", "init", "--encryption", "aes-256-gcm", cwd=work, env=off_pass)
+    (work / "keys-dir").mkdir()
+    run_cli("-r", str(work / "off"), "key", "add", "--key-file", "keys-dir/off.key",
+            cwd=work, env=off_pass)
+    (work / "conf").mkdir()
+    (work / "conf" / "vmrepo.toml").write_text(
+        '[remote.bykey]\nrepository = "../off"\nkey_file = "../keys-dir/off.key"\n'
+        f'[remote.bypass]\nrepository = "../off"\npassword_file = "{work / "off-pass"}"\n')
+    config = ["--config", str(work / "conf" / "vmrepo.toml")]
+    for name in ("bykey", "bypass"):
+        for how in (["-r", name], []):
+            env = {**NO_PASSPHRASE, "VMREPO_REPOSITORY": "" if how else name}
+            # From the config's directory: the relative paths are its, not the cwd's.
+            got = run_json(*config, *how, "snapshots", cwd=work / "conf", env=env)
+            assert got["snapshots"] == [], (name, how)
+    # $VMREPO_KEY_FILE that is not a key file: refused for the main repository ...
+    (work / "broken.key").write_text("nonsense\n")
+    broken = {**off_pass, "VMREPO_KEY_FILE": str(work / "broken.key")}
+    res = run_cli("snapshots", cwd=work, env=broken, check=False)
+    assert res.returncode == exitcodes.WRONG_PASSPHRASE and "not a vmrepo key file" in res.stderr
+    # ... a warning for a copy's destination, which its passphrase opens.
+    run_cli("-r", "clear", "init", "--encryption", "none", cwd=work)
+    run_cli("-r", "clear", "snapshot", "vm1", cwd=work)
+    res = run_cli("-r", "clear", "copy", "--to", str(work / "off"), cwd=work, env=broken)
+    assert "opens by passphrase" in res.stderr and "not a vmrepo key file" in res.stderr
+    assert len(run_json("-r", "off", "snapshots", cwd=work, env=off_pass)["snapshots"]) == 1
+
+
 def test_the_last_passphrase_is_kept(work: Path) -> None:
     added = run_json("key", "add", "--key-file", "host.key", cwd=work)["added"]
     first = run_json("key", "list", cwd=work)["keys"][0]["id"]
@@ -171,6 +220,25 @@ def test_the_last_passphrase_is_kept(work: Path) -> None:
     res = run_cli("key", "remove", added[:8], cwd=work, env=_as_host(work), check=False)
     assert res.returncode == exitcodes.USAGE and "opened the repository with" in res.stderr
     assert "passwd" not in res.stderr  # which has nothing to change under a key file
+
+
+def test_a_key_file_whose_record_failed_is_removed(work: Path,
+                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    repo = Repository.open(LocalBackend(work / "repo"),
+                           passphrase=lambda _rid: "correct horse battery staple")
+    assert repo.master is not None
+    before = keys.list_keys(repo.store)
+
+    def refused(*args: object, **kw: object) -> bytes:
+        raise StoragePermission("keys/ is read-only", key="keys/x")
+
+    monkeypatch.setattr(repo.store, "put_record", refused)
+    with pytest.raises(StoragePermission):
+        keys.add_key_file(repo.store, repo.config.repository_id, repo.master,
+                          str(work / "k"))
+    assert not (work / "k").exists()
+    monkeypatch.undo()
+    assert keys.list_keys(repo.store) == before
 
 
 def test_an_interrupted_key_file_is_not_left(tmp_path: Path,

@@ -254,20 +254,26 @@ class Context:
         chosen = self._key_file(name_or_url)
         other: KeyFile | None = None
         if chosen is not None:
+            path, named = chosen
             try:
-                key_file = KeyFile.read(chosen[0])
+                key_file: KeyFile | None = KeyFile.read(path)
             except KeyFileError as exc:
-                raise (NoPassphrase if not exc.readable else WrongPassphrase)(
-                    f"the key file {exc}") from None
-            if key_file.repository_id == repository_id or chosen[1]:
+                if named or name_or_url is None:
+                    raise (NoPassphrase if not exc.readable else WrongPassphrase)(
+                        f"the key file {exc}") from None
+                # $VMREPO_KEY_FILE is the main repository's: it says nothing of this one.
+                self.warn(f"the key file {exc}; {location} opens by passphrase")
+                key_file = None
+            if key_file is not None and (key_file.repository_id == repository_id or named):
                 mode = key_file.exposed()
                 if mode is not None:
-                    self.warn(f"the key file {key_file.path} may be read by other users "
-                              f"(mode {mode:04o}): `chmod 600 {key_file.path}`")
+                    self.warn(f"the key file {key_file.path} is open to other users (mode "
+                              f"{mode:04o}): `chmod 600 {key_file.path}`")
                 return key_file
-            other = key_file
-            log.info("%s is the key file of repository %s: %s opens by passphrase",
-                     key_file.path, key_file.repository_id, location)
+            if key_file is not None:
+                other = key_file
+                log.info("%s is the key file of repository %s: %s opens by passphrase",
+                         key_file.path, key_file.repository_id, location)
         found = passphrase_from_env(self._password_env(name_or_url))
         if found == "":
             raise NoPassphrase(f"the passphrase for {location} is empty (the first line of "

@@ -2,14 +2,12 @@
 
 from __future__ import annotations
 
-import contextlib
 from pathlib import Path
 
 import click
 
 from .. import keys
 from ..errors import ConfigError, KeyNotFound, NoPassphrase, OutputError, WrongPassphrase
-from ..format import key_key
 from ..keys import MasterKey
 from ..repository import Repository
 from .app import Context, command
@@ -66,11 +64,14 @@ def key(ctx: Context, action: str, key_id: str | None, label: str,
                      f"{'*' if k.id == used.id else ' '} {k.id[:8]}  {k.created[:19]}  {k.host}  "
                      f"{_KINDS.get(k.kdf, k.kdf):10}  {k.label or '-'}" for k in infos)))
     elif action == "add" and key_file is not None:
-        new, path = _add_key_file(r, key_file.absolute(), label)
-        ctx.emit({"added": new.id, "key_file": path},
-                 lambda: click.echo(f"added key {new.id[:8]}: the key file {path} opens the "
-                                    "repository (VMREPO_KEY_FILE); keep it private (it is "
-                                    "mode 0600)"))
+        try:
+            new, made = keys.add_key_file(store, rid, r.master, str(key_file.absolute()), label)
+        except keys.KeyFileError as exc:
+            raise OutputError(f"cannot write the key file {exc}", exc.path) from None
+        ctx.emit({"added": new.id, "key_file": made.path},
+                 lambda: click.echo(f"added key {new.id[:8]}: the key file {made.path} opens "
+                                    "the repository (VMREPO_KEY_FILE); keep it private (only "
+                                    "its owner may read it)"))
     elif action == "passwd" and used.kdf == keys.KDF_NONE:
         raise KeyNotFound(f"opened with the key file of key {used.id[:8]}, which has no "
                           "passphrase to change: `vmrepo key add --key-file` and `vmrepo key "
@@ -111,28 +112,6 @@ def key(ctx: Context, action: str, key_id: str | None, label: str,
         click.echo("vmrepo: anyone holding this line can read the repository: keep it "
                    "offline; `vmrepo key add --from-export FILE` restores access with it",
                    err=True)
-
-
-def _add_key_file(r: Repository, path: Path, label: str) -> tuple[keys.KeyInfo, str]:
-    """Write a new key file at ``path``, then store its key record. Interrupted or failed,
-    neither is left without the other, unless the record's fate is unknown (its store
-    failed while answering): then the file stays, and `key list` shows the record if it
-    was stored."""
-    assert r.master is not None
-    made = keys.KeyFile.new(r.config.repository_id, str(path))
-    try:
-        made.create()
-    except keys.KeyFileError as exc:
-        raise OutputError(f"cannot write the key file {exc}", exc.path) from None
-    try:
-        return keys.add_key_file(r.store, r.master, made, label), made.path
-    except BaseException:
-        stored: bool | None = None
-        with contextlib.suppress(Exception):
-            stored = r.backend.exists(key_key(made.key_id))
-        if stored is False:
-            made.remove()
-        raise
 
 
 def _add_from_export(ctx: Context, path: Path, label: str) -> None:
