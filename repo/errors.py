@@ -21,6 +21,7 @@
      ├── WrongPassphrase        no key of an encrypted repository opens with the passphrase
      ├── NoPassphrase           an encrypted repository needs a passphrase and none can be read
      ├── KeyNotFound            no key (or several) matches the id given
+     ├── KeyRefused             a key change that would lock people out or repeat a key
      └── Interrupted            the operation was stopped by a signal
 
 Storage and source errors come from their own packages and are not wrapped.
@@ -167,6 +168,15 @@ class NoPassphrase(VmrepoError):
 
 class KeyNotFound(VmrepoError):
     """No key record (or more than one) matches what was given."""
+
+
+class KeyRefused(VmrepoError):
+    """A key change refused: removing the only key, the last passphrase or the key in use,
+    `passwd` under a key file, or a new passphrase that a key already has."""
+
+    def __init__(self, message: str, key_id: str | None = None) -> None:
+        super().__init__(message)
+        self.key_id = key_id
 
 
 class Interrupted(VmrepoError):

@@ -47,6 +47,7 @@ TABLE: list[tuple[type[BaseException], int]] = [
     (e.WrongPassphrase, WRONG_PASSPHRASE),
     (e.NoPassphrase, NO_PASSPHRASE),
     (e.KeyNotFound, USAGE),
+    (e.KeyRefused, USAGE),
     (e.ExtentError, SOURCE),
     (e.IncompatibleRepository, INCOMPATIBLE),
     (e.IntegrityError, INTEGRITY),

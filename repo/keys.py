@@ -327,6 +327,14 @@ def unlock(store: RepoStore, repository_id: str, passphrase: str) -> tuple[Maste
                           "repository opens with it")
 
 
+def opened_by(store: RepoStore, repository_id: str, passphrase: str) -> KeyInfo | None:
+    """The key that ``passphrase`` opens, if any (scrypt once per passphrase record)."""
+    try:
+        return unlock(store, repository_id, passphrase)[1]
+    except (WrongPassphrase, IntegrityError):
+        return None
+
+
 def unlock_with_file(store: RepoStore, repository_id: str,
                      key_file: KeyFile) -> tuple[MasterKey, KeyInfo]:
     """The master key, opened by the record ``key_file`` names (one read, no scrypt);

@@ -188,7 +188,8 @@ def test_keys_added_listed_replaced_removed_and_exported(work: Path) -> None:
     # once it holds a snapshot to show that (an empty one proves nothing: refused).
     run_cli("-r", "offsite", "init", "--copy-params-from", "repo", cwd=work,
             env={"VMREPO_PASSWORD_FILE": str(work / "fresh")})
-    offsite = {"VMREPO_NEW_PASSWORD_FILE": str(work / "fresh"),
+    (work / "offsite-new").write_text("a new passphrase for the copy\n")
+    offsite = {"VMREPO_NEW_PASSWORD_FILE": str(work / "offsite-new"),
                "VMREPO_PASSWORD_FILE": str(work / "pass")}  # forgotten
     empty = run_cli("-r", "offsite", "key", "add", "--from-export", str(work / "paper"),
                     cwd=work, env=offsite, check=False)
@@ -199,6 +200,23 @@ def test_keys_added_listed_replaced_removed_and_exported(work: Path) -> None:
             env=offsite)
     assert len(run_json("-r", "offsite", "snapshots", cwd=work,
                         env={"VMREPO_PASSWORD_FILE": str(work / "fresh")})["snapshots"]) == 1
+
+
+def test_a_passphrase_a_key_already_has_is_refused(work: Path) -> None:
+    run_cli("init", "--encryption", "aes-256-gcm", cwd=work)
+    same = {"VMREPO_NEW_PASSWORD_FILE": str(work / "pass")}
+    for action in ("add", "passwd"):
+        res = run_cli("key", action, cwd=work, env=same, check=False)
+        assert res.returncode == exitcodes.USAGE, action
+        assert "already has that passphrase: choose another" in res.stderr
+    export = run_cli("key", "export", cwd=work).stdout
+    (work / "paper").write_text(export)
+    res = run_cli("key", "add", "--from-export", "paper", cwd=work, env=same, check=False)
+    assert res.returncode == exitcodes.USAGE and "already has that passphrase" in res.stderr
+    assert len(run_json("key", "list", cwd=work)["keys"]) == 1
+    (work / "other").write_text("another passphrase\n")
+    run_cli("key", "add", cwd=work, env={"VMREPO_NEW_PASSWORD_FILE": str(work / "other")})
+    assert len(run_json("key", "list", cwd=work)["keys"]) == 2
 
 
 def test_passphrase_errors_are_one_line(work: Path, monkeypatch: pytest.MonkeyPatch) -> None:

@@ -7,9 +7,10 @@ from pathlib import Path
 import click
 
 from .. import keys
-from ..errors import ConfigError, KeyNotFound, NoPassphrase, OutputError, WrongPassphrase
+from ..errors import ConfigError, KeyRefused, NoPassphrase, OutputError, WrongPassphrase
 from ..keys import MasterKey
 from ..repository import Repository
+from ..store import RepoStore
 from .app import Context, command
 
 ACTIONS = ("list", "add", "remove", "passwd", "export")
@@ -73,12 +74,12 @@ def key(ctx: Context, action: str, key_id: str | None, label: str,
                                     "the repository (VMREPO_KEY_FILE); keep it private (only "
                                     "its owner may read it)"))
     elif action == "passwd" and used.kdf == keys.KDF_NONE:
-        raise KeyNotFound(f"opened with the key file of key {used.id[:8]}, which has no "
+        raise KeyRefused(f"opened with the key file of key {used.id[:8]}, which has no "
                           "passphrase to change: `vmrepo key add --key-file` and `vmrepo key "
                           "remove` replace a key file")
     elif action in ("add", "passwd"):
         new = keys.add_key(store, rid, r.master,
-                           ctx.new_passphrase(None, r.backend.location, "VMREPO_NEW"),
+                           _new_passphrase(ctx, r.store, rid, r.backend.location),
                            label or action)
         if action == "passwd":
             keys.remove_key(store, used.id)
@@ -92,15 +93,15 @@ def key(ctx: Context, action: str, key_id: str | None, label: str,
         victim = keys.find(store, key_id)
         infos = keys.list_keys(store)
         if len(infos) < 2:
-            raise KeyNotFound(f"{victim.id[:8]} is the only key: removing it would lock "
+            raise KeyRefused(f"{victim.id[:8]} is the only key: removing it would lock "
                               "everyone out (add another first)")
         if victim.kdf != keys.KDF_NONE and \
                 sum(k.kdf != keys.KDF_NONE for k in infos) < 2:
-            raise KeyNotFound(f"{victim.id[:8]} is the last passphrase: only the hosts that "
+            raise KeyRefused(f"{victim.id[:8]} is the last passphrase: only the hosts that "
                               "hold key files could open the repository (add another "
                               "passphrase first)")
         if victim.id == used.id:
-            raise KeyNotFound(f"{victim.id[:8]} is the key this command opened the repository "
+            raise KeyRefused(f"{victim.id[:8]} is the key this command opened the repository "
                               "with: " + ("`vmrepo key passwd` replaces it; " if
                                           used.kdf != keys.KDF_NONE else "") +
                               "to remove it, open the repository with another key")
@@ -112,6 +113,18 @@ def key(ctx: Context, action: str, key_id: str | None, label: str,
         click.echo("vmrepo: anyone holding this line can read the repository: keep it "
                    "offline; `vmrepo key add --from-export FILE` restores access with it",
                    err=True)
+
+
+def _new_passphrase(ctx: Context, store: RepoStore, repository_id: str, location: str) -> str:
+    """The new key's passphrase; refused if a key of the repository already has it (a second
+    record for one passphrase protects nothing more, and `key remove` of either would not
+    take the passphrase away)."""
+    passphrase = ctx.new_passphrase(None, location, "VMREPO_NEW")
+    same = keys.opened_by(store, repository_id, passphrase)
+    if same is not None:
+        raise KeyRefused(f"key {same.id[:8]} already has that passphrase: choose another",
+                         same.id)
+    return passphrase
 
 
 def _add_from_export(ctx: Context, path: Path, label: str) -> None:
@@ -139,6 +152,6 @@ def _add_from_export(ctx: Context, path: Path, label: str) -> None:
             ", and no snapshot record of it opens with that key" if snaps else
             ", and it holds no snapshot record to show that the key fits"))
     new = keys.add_key(r.store, this, master,
-                       ctx.new_passphrase(None, backend.location, "VMREPO_NEW"),
+                       _new_passphrase(ctx, r.store, this, backend.location),
                        label or "from export")
     ctx.emit({"added": new.id}, lambda: click.echo(f"added key {new.id[:8]} from the export"))
