@@ -46,7 +46,7 @@ from .errors import (
     NoPassphrase,
     WrongPassphrase,
 )
-from .format import KEY_PREFIX, key_key
+from .format import KEY_PREFIX, key_key, parse_hex_name
 from .store import RepoStore
 
 KEY_VERSION = 1
@@ -132,6 +132,8 @@ class KeyFile:
     key_id: str
     secret: bytes = field(repr=False)
     path: str = ""
+    #: The file's permission bits when it was read (None for a new one).
+    mode: int | None = field(default=None, compare=False)
 
     @classmethod
     def new(cls, repository_id: str, path: str) -> KeyFile:
@@ -176,7 +178,8 @@ class KeyFile:
             # Non-blocking: a FIFO put there must not hang the command (nor a device lie).
             fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)
             with open(fd, encoding="ascii", closefd=True) as f:
-                if not stat.S_ISREG(os.fstat(fd).st_mode):
+                st = os.fstat(fd)
+                if not stat.S_ISREG(st.st_mode):
                     raise KeyFileError(path, "cannot read it: not a regular file",
                                        readable=False)
                 text = f.read(4096)
@@ -197,17 +200,13 @@ class KeyFile:
         if len(secret) != 32:
             raise KeyFileError(path, "its secret is not 64 hex digits (damaged?)")
         for what, value in (("repository id", parts[1]), ("key id", parts[2])):
-            if len(value) != 32 or not all(c in "0123456789abcdef" for c in value):
+            if parse_hex_name(value, "", 32) is None:
                 raise KeyFileError(path, f"its {what} is not 32 hex digits (damaged?)")
-        return cls(parts[1], parts[2], secret, path)
+        return cls(parts[1], parts[2], secret, path, stat.S_IMODE(st.st_mode))
 
     def exposed(self) -> int | None:
-        """The file's mode if users other than its owner may read or write it, else None."""
-        try:
-            mode = stat.S_IMODE(os.stat(self.path).st_mode)
-        except OSError:
-            return None
-        return mode if mode & 0o077 else None
+        """The file's mode, as read, if users other than its owner may read or write it."""
+        return self.mode if self.mode is not None and self.mode & 0o077 else None
 
 
 def _kek(passphrase: str, salt: bytes, n: int, r: int, p: int) -> bytes:

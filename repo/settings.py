@@ -167,13 +167,14 @@ def load_settings(explicit: str | None, env: Mapping[str, str] = os.environ) -> 
                               str(path))
         if "://" not in table["repository"] and not table["repository"].startswith("/"):
             table["repository"] = str((path.parent / table["repository"]).absolute())
-        for secret in ("password_file", "password_command", "key_file"):
-            if secret in table and not (isinstance(table[secret], str)
-                                        and (table[secret] or secret != "key_file")):
+        for secret in ("password_file", "password_command"):
+            if not isinstance(table.get(secret, ""), str):
                 raise ConfigError(f"config file {path}: remote {name}: {secret} must be a "
-                                  + ("non-empty " if secret == "key_file" else "") + "string",
-                                  str(path))
+                                  "string", str(path))
         if "key_file" in table:  # like its repository, relative to the config file
+            if not isinstance(table["key_file"], str) or not table["key_file"]:
+                raise ConfigError(f"config file {path}: remote {name}: key_file must be a "
+                                  "non-empty string", str(path))
             table["key_file"] = str((path.parent / os.path.expanduser(table["key_file"]))
                                     .absolute())
     settings = Settings(path, os.path.expanduser(repo) if repo else None, vms, storage, remotes,
