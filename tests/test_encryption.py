@@ -11,6 +11,8 @@ import subprocess
 from pathlib import Path
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from vmrepo import exitcodes
 from vmrepo.cache import Cache
 from vmrepo.format import pack_key
@@ -337,3 +339,43 @@ def test_keys_list_in_the_order_they_were_added(monkeypatch: pytest.MonkeyPatch)
                                    "salt": bytes(16)}, "sealed": bytes(80)}
     store.put_record(RecordKind.KEY, key_key(old["id"]), old)
     assert [k.id for k in list_keys(store)] == [old["id"], *added]
+
+
+# RFC 7914 §12 (the first 32 bytes of each: a key record's kek is 32 bytes long).
+_SCRYPT_VECTORS = [
+    ("password", b"NaCl", 1024, 8, 16,
+     "fdbabe1c9d3472007856e7190d01e9fe7c6ad7cbc8237830e77376634b373162"),
+    ("pleaseletmein", b"SodiumChloride", 16384, 8, 1,
+     "7023bdcb3afd7348461c06cd81fd38ebfda8fbba904f8e3ea9b543f6545da1f2"),
+]
+
+
+@pytest.mark.parametrize(("passphrase", "salt", "n", "r", "p", "expected"), _SCRYPT_VECTORS)
+def test_the_kdf_is_rfc_7914_scrypt(passphrase: str, salt: bytes, n: int, r: int, p: int,
+                                     expected: str) -> None:
+    from vmrepo import keys
+    assert keys._kek(passphrase, salt, n, r, p).hex() == expected
+
+
+@settings(max_examples=40, deadline=None)
+@given(passphrase=st.text(min_size=1, max_size=40), salt=st.binary(min_size=16, max_size=16),
+       log_n=st.integers(1, 10), r=st.integers(1, 8), p=st.integers(1, 3))
+def test_the_kdf_agrees_with_openssl_scrypt(passphrase: str, salt: bytes, log_n: int, r: int,
+                                            p: int) -> None:
+    """Records written with OpenSSL's scrypt (every earlier vmrepo) open with libsodium's."""
+    import hashlib
+
+    from vmrepo import keys
+    assert keys._kek(passphrase, salt, 1 << log_n, r, p) == hashlib.scrypt(
+        passphrase.encode(), salt=salt, n=1 << log_n, r=r, p=p, dklen=32)
+
+
+@pytest.mark.parametrize(("n", "r", "p"), [(3, 8, 1), (1, 8, 1), (1 << 16, 0, 1),
+                                           (1 << 16, 8, 0), (1 << 30, 8, 1), (-2, 8, 1)])
+def test_a_records_impossible_or_huge_kdf_parameters_are_refused(n: int, r: int,
+                                                                  p: int) -> None:
+    """A damaged record's parameters raise ValueError (the record then opens nothing),
+    without allocating what they ask for."""
+    from vmrepo import keys
+    with pytest.raises(ValueError):
+        keys._kek("passphrase", bytes(16), n, r, p)
