@@ -37,6 +37,11 @@ class BlobType(IntEnum):
     ROOT = 2
 
 
+#: Each blob type at the index of its value (a lookup per index entry read, cheaper than
+#: calling the enum). Values above it are not a type: an IndexError.
+BLOB_TYPES: tuple[BlobType, ...] = tuple(BlobType)
+
+
 class Hasher:
     """Keyed BLAKE3 ids for one repository."""
 

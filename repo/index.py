@@ -30,13 +30,14 @@ import threading
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import NamedTuple
 
 import msgpack
 from vmrepo.storage.base import ObjectInfo
 from vmrepo.storage.errors import ObjectNotFound
 
 from .errors import IntegrityError
-from .format import INDEX_PREFIX, BlobType, index_key, parse_hex_name
+from .format import BLOB_TYPES, INDEX_PREFIX, BlobType, index_key, parse_hex_name
 from .runs import Record, Run, RunPack, Source, write_run
 from .segments import Segment, check_records
 from .store import RepoStore
@@ -54,9 +55,8 @@ STATE_VERSION = 1
 SYNC_ATTEMPTS = 4
 
 
-@dataclass(frozen=True)
-class Location:
-    """Where a blob is stored."""
+class Location(NamedTuple):
+    """Where a blob is stored (a tuple: one is made per lookup and per entry read)."""
 
     pack_id: bytes
     type: BlobType
@@ -136,7 +136,7 @@ class Index:
             runs = list(self._runs)
         for run in runs:
             for _, ref, off, length, raw, btype in run.find(blob_id):
-                out.append(Location(run.pack_id(ref), BlobType(btype), off, length, raw))
+                out.append(Location(run.pack_id(ref), BLOB_TYPES[btype], off, length, raw))
         return out
 
     def get(self, blob_id: bytes) -> Location | None:
@@ -151,7 +151,7 @@ class Index:
         for run in runs:
             for _, ref, off, length, raw, btype in run.find(blob_id):
                 if self._ok(run, ref) and (not bad or (blob_id, run.pack_id(ref)) not in bad):
-                    return Location(run.pack_id(ref), BlobType(btype), off, length, raw)
+                    return Location(run.pack_id(ref), BLOB_TYPES[btype], off, length, raw)
         return None
 
     def __contains__(self, blob_id: bytes) -> bool:
@@ -169,7 +169,7 @@ class Index:
             mem = [(bid, loc) for bid, locs in self._mem.items() for loc in locs]
         for run in runs:
             for bid, ref, off, length, raw, btype in run.records():
-                yield bid, Location(run.pack_id(ref), BlobType(btype), off, length, raw)
+                yield bid, Location(run.pack_id(ref), BLOB_TYPES[btype], off, length, raw)
         yield from mem
 
     def packs(self) -> dict[bytes, int | None]:
@@ -207,10 +207,11 @@ class Index:
                 return
             for pid, size in zip(segment.packs, segment.pack_sizes, strict=True):
                 self._mem_pack_sizes[pid] = size
-            for pack_id, e in segment.blob_entries():
-                self._mem.setdefault(e.id, []).append(
-                    Location(pack_id, e.type, e.offset, e.length, e.raw_length))
-                self._mem_count += 1
+            packs, mem = segment.packs, self._mem
+            for bid, ref, off, length, raw, btype in segment.records():
+                mem.setdefault(bid, []).append(
+                    Location(packs[ref], BLOB_TYPES[btype], off, length, raw))
+            self._mem_count += len(segment)
             self._mem_segments.add(segment_id)
             self._covered.add(segment_id)
             if self._mem_count >= SPILL_ENTRIES:
@@ -478,7 +479,7 @@ class Ordinals:
             found = run.locate(blob_id)
             if found is not None:
                 pos, rec = found
-                return base + pos, Location(run.pack_id(rec[1]), BlobType(rec[5]), rec[2],
+                return base + pos, Location(run.pack_id(rec[1]), BLOB_TYPES[rec[5]], rec[2],
                                             rec[3], rec[4])
         return None
 
@@ -508,7 +509,7 @@ class Ordinals:
             if rec is None:
                 locs.extend(self._mem_locs[bid])
             else:
-                locs.append(Location(self._runs[k].pack_id(rec[1]), BlobType(rec[5]), rec[2],
+                locs.append(Location(self._runs[k].pack_id(rec[1]), BLOB_TYPES[rec[5]], rec[2],
                                      rec[3], rec[4]))
         if current is not None:
             yield number, current, locs
