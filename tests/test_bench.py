@@ -80,8 +80,11 @@ def test_bench_quick_runs_every_path(tmp_path: Path) -> None:
         positive(r["peak RSS MiB"])
         positive(r["CPU s"])
         assert 0 < float(r["cores busy %"]) <= 105, r  # CPU time is sampled at clock ticks
-        if path in QEMU_PATHS and phase != "restore":
+        if path in QEMU_PATHS and phase == "full":
             positive(r["QEMU CPU s"])
+        elif path in QEMU_PATHS and phase == "incremental":
+            # A quick incremental can take QEMU less than one clock tick (10 ms).
+            assert float(r["QEMU CPU s"]) >= 0, r
         else:
             assert r["QEMU CPU s"] == "", r
         if phase != "restore":
