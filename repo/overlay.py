@@ -32,7 +32,7 @@ from pathlib import Path
 from typing import Any
 
 from .errors import OutputError, RestoreError
-from .output import FALLOC_FL_KEEP_SIZE, FALLOC_FL_PUNCH_HOLE, _punch, output_error
+from .output import FALLOC_FL_KEEP_SIZE, FALLOC_FL_PUNCH_HOLE, fallocate, output_error
 
 log = logging.getLogger(__name__)
 
@@ -178,7 +178,7 @@ class Overlay:
 
     def zero(self, offset: int, length: int) -> None:
         """Make ``[offset, offset + length)`` read as zeros, as a hole where possible."""
-        if _punch(self._data, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE, offset, length):
+        if fallocate(self._data, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE, offset, length):
             return
         end = offset + length
         while offset < end:

@@ -21,6 +21,7 @@ import subprocess
 import threading
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
+from itertools import islice
 from pathlib import Path
 
 from vmrepo.sources.nbd.client import NbdClient
@@ -45,6 +46,10 @@ from .repository import Repository
 from .snapshots import DiskRecord
 
 log = logging.getLogger(__name__)
+
+#: Chunks taken from the manifest at once, the ranges of their data reserved in the output
+#: before any is written (1 GiB of them at 256 KiB chunks).
+RESERVE_CHUNKS = 4096
 
 Progress = Callable[[int], None]
 
@@ -161,7 +166,31 @@ def write_disk(repo: Repository, manifest: Manifest, target: Target,
             zero_run.clear()
 
     def wanted() -> Iterator[tuple[bytes, int]]:
-        for index, cid in chunks:
+        todo = iter(chunks)
+        while group := list(islice(todo, RESERVE_CHUNKS)):
+            reserve(group)
+            yield from pick(group)
+        flush_zeros()
+
+    def reserve(group: list[tuple[int, bytes]]) -> None:
+        """Reserve the data ranges of ``group`` (chunks in order) in the output."""
+        run: list[int] = []  # [start, end) of consecutive data chunks
+        for index, cid in group:
+            if cid == ZERO_ID:
+                continue
+            start = index * manifest.chunk_size
+            end = start + manifest.chunk_length(index)
+            if run and run[1] == start:
+                run[1] = end
+                continue
+            if run:
+                target.reserve(run[0], run[1] - run[0])
+            run = [start, end]
+        if run:
+            target.reserve(run[0], run[1] - run[0])
+
+    def pick(group: list[tuple[int, bytes]]) -> Iterator[tuple[bytes, int]]:
+        for index, cid in group:
             if cid == ZERO_ID:
                 stats.chunks_zero += 1
                 if not target.zero_filled:
@@ -176,7 +205,6 @@ def write_disk(repo: Repository, manifest: Manifest, target: Target,
             flush_zeros()
             stats.chunks_read += 1
             yield cid, index
-        flush_zeros()
 
     planner: ReadPlanner[int] = ReadPlanner(repo, deliver, workers=workers, check=check,
                                             damaged=damaged)

@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from vmrepo import output, restore
 from vmrepo.backup import SnapshotOptions, take_snapshot
 from vmrepo.config import RepoConfig
 from vmrepo.errors import ExtentError, IntegrityError
@@ -203,3 +204,43 @@ def test_corrupted_chunk_is_detected(local_repo: Repository, tmp_path: Path) -> 
     with pytest.raises(IntegrityError):
         restored(Repository.open(local_repo.backend), snap, tmp_path / "o")
     assert not (tmp_path / "o").exists()
+
+
+def test_a_restore_reserves_its_data_ranges_before_writing_them(
+        mem_repo: Repository, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Only the ranges of data chunks are allocated ahead (holes stay holes), each before
+    any of its chunks is written, in groups of RESERVE_CHUNKS; the bytes are the image's."""
+    img = tmp_path / "disk.raw"
+    rnd = random.Random(7)
+    with open(img, "wb") as f:
+        f.truncate(50 * CS + 1000)
+        for first, count in ((0, 3), (5, 1), (6, 4), (20, 12), (49, 2)):
+            f.seek(first * CS)
+            f.write(rnd.randbytes(min(count * CS, 50 * CS + 1000 - first * CS)))
+    data = {0, 1, 2, 5, 6, 7, 8, 9} | set(range(20, 32)) | {49, 50}
+    snap = snapshot_file(mem_repo, img)
+    events: list[tuple[str, int, int]] = []
+    real_reserve, real_write = output.FileTarget.reserve, output.FileTarget.write
+
+    def reserve(self: output.FileTarget, offset: int, length: int) -> None:
+        events.append(("reserve", offset, offset + length))
+        real_reserve(self, offset, length)
+
+    def write(self: output.FileTarget, offset: int, chunk: bytes) -> None:
+        events.append(("write", offset, offset + len(chunk)))
+        real_write(self, offset, chunk)
+
+    monkeypatch.setattr(output.FileTarget, "reserve", reserve)
+    monkeypatch.setattr(output.FileTarget, "write", write)
+    monkeypatch.setattr(restore, "RESERVE_CHUNKS", 8)  # groups end inside data runs too
+    assert restored(mem_repo, snap, tmp_path / "out.raw") == img.read_bytes()
+    reserved = [(a, b) for kind, a, b in events if kind == "reserve"]
+    covered = {i for a, b in reserved for i in range(a // CS, -(-b // CS))}
+    assert covered == data
+    assert reserved == [(0, 3 * CS), (5 * CS, 8 * CS), (8 * CS, 10 * CS), (20 * CS, 24 * CS),
+                        (24 * CS, 32 * CS), (49 * CS, 50 * CS + 1000)]
+    for n, (kind, a, b) in enumerate(events):
+        if kind == "write":
+            assert any(ra <= a and b <= rb for k, ra, rb in events[:n] if k == "reserve")
+    blocks = os.stat(tmp_path / "out.raw").st_blocks * 512
+    assert blocks <= len(data) * CS + 64 * 1024  # what is not data stayed a hole
