@@ -36,6 +36,7 @@ from typing import Any
 from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.ciphers.aead import ChaCha20Poly1305
 from vmrepo.storage.errors import ObjectNotFound
+from vmrepo.storage.local import fsync_dir
 
 from .codec import RecordKind
 from .errors import (
@@ -153,11 +154,7 @@ class KeyFile:
                 f.write(self.text())
                 f.flush()
                 os.fsync(f.fileno())
-            directory = os.open(os.path.dirname(os.path.abspath(self.path)), os.O_RDONLY)
-            try:
-                os.fsync(directory)
-            finally:
-                os.close(directory)
+            fsync_dir(os.path.dirname(os.path.abspath(self.path)))
         except BaseException as exc:
             self.remove()
             if isinstance(exc, OSError):

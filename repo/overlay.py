@@ -31,6 +31,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from vmrepo.storage.local import fsync_dir
+
 from .errors import OutputError, RestoreError
 from .output import FALLOC_FL_KEEP_SIZE, FALLOC_FL_PUNCH_HOLE, fallocate, output_error
 
@@ -85,7 +87,7 @@ class Overlay:
             if not self.resumed:
                 os.fsync(self._data)
                 os.fsync(self._map)
-                _fsync_dir(directory)
+                fsync_dir(directory)
         except OSError as exc:
             self.close()
             raise output_error(exc, directory, "keep the overlay in") from None
@@ -253,10 +255,3 @@ def prepare_directory(directory: Path) -> None:
     if not directory.is_dir():
         raise OutputError(f"{directory} is not a directory", str(directory))
 
-
-def _fsync_dir(directory: Path) -> None:
-    fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)

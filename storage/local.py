@@ -71,8 +71,9 @@ def _translate(exc: OSError, key: str | None, what: str) -> StorageError:
     return BackendUnavailable(msg, key=key)
 
 
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+def fsync_dir(path: str | os.PathLike[str]) -> None:
+    """Make the entries of directory ``path`` durable (a file created or renamed in it)."""
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
     try:
         os.fsync(fd)
     finally:
@@ -182,7 +183,7 @@ class LocalBackend(Backend):
             place(tmp, path)
             if place is os.rename:
                 tmp = None
-            _fsync_dir(path.parent)
+            fsync_dir(path.parent)
         except OSError as exc:
             raise _translate(exc, key, f"cannot {verb} {key}") from exc
         finally:
@@ -202,7 +203,7 @@ class LocalBackend(Backend):
                 os.mkdir(d, 0o700)
             except FileExistsError:
                 continue
-            _fsync_dir(d.parent)
+            fsync_dir(d.parent)
 
     def get(self, key: str, offset: int = 0, length: int | None = None) -> bytes:
         path = self._path(key)
@@ -254,7 +255,7 @@ class LocalBackend(Backend):
         path = self._path(key)
         try:
             os.unlink(path)
-            _fsync_dir(path.parent)
+            fsync_dir(path.parent)
         except FileNotFoundError:
             return
         except OSError as exc:
