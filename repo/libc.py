@@ -8,18 +8,16 @@ function (other systems, other C libraries): callers then do without it.
 from __future__ import annotations
 
 import ctypes
-import ctypes.util
 import functools
 from typing import Any
 
 
 @functools.cache
 def _library() -> ctypes.CDLL | None:
-    name = ctypes.util.find_library("c")
-    if not name:
-        return None
+    # The process's own symbols, the C library's among them: no search for the library
+    # (ctypes.util.find_library runs ldconfig, 13 ms of every command's start).
     try:
-        return ctypes.CDLL(name, use_errno=True)
+        return ctypes.CDLL(None, use_errno=True)
     except OSError:
         return None
 
@@ -30,7 +28,7 @@ def function(name: str, argtypes: list[Any], restype: Any = ctypes.c_int) -> Any
     if lib is None:
         return None
     try:
-        fn = getattr(lib, name)
+        fn = lib[name]  # a function object of its own (getattr would share one, types too)
     except AttributeError:
         return None
     fn.argtypes = argtypes

@@ -176,3 +176,21 @@ def test_a_killed_restore_leaves_a_partial_file_the_next_one_removes(tmp_path: P
     run_cli("restore", "vm1@latest", "--disk", "disk0", "-o", str(out / "d.raw"), cwd=tmp_path)
     assert [p.name for p in out.iterdir()] == ["d.raw"]
     assert (out / "d.raw").read_bytes() == (tmp_path / "big.raw").read_bytes()
+
+
+def test_c_library_functions_are_found_each_with_its_own_types() -> None:
+    """libc.function finds the C library's functions without searching for the library;
+    each lookup gets a function object of its own, so one caller's argument types do not
+    become another's; a function the library lacks is None."""
+    import ctypes
+
+    from vmrepo import libc, memtune, output
+
+    getpid = libc.function("getpid", [])
+    assert getpid is not None and getpid() == os.getpid()
+    assert libc.function("no_such_function_in_libc", []) is None
+    mine = libc.function("fallocate", [])
+    assert mine is not None and mine is not output._FALLOCATE
+    assert output._FALLOCATE.argtypes == [ctypes.c_int, ctypes.c_int, ctypes.c_int64,
+                                          ctypes.c_int64]
+    assert memtune.tune_malloc()  # glibc's mallopt, found and accepted
