@@ -20,7 +20,6 @@ Errors of the output (no space, read-only, permission, quota, I/O) become an
 
 from __future__ import annotations
 
-import ctypes
 import errno
 import fcntl
 import logging
@@ -33,8 +32,13 @@ from pathlib import Path
 
 from vmrepo.sources.nbd.client import NbdClient
 from vmrepo.sources.nbd.errors import NbdError
+from vmrepo.storage.local import (
+    FALLOC_FL_KEEP_SIZE,
+    FALLOC_FL_PUNCH_HOLE,
+    FALLOC_FL_ZERO_RANGE,
+    fallocate,
+)
 
-from . import libc
 from .errors import OutputError, RestoreError
 from .logs import ignored
 from .writeback import Writeback
@@ -42,9 +46,6 @@ from .writeback import Writeback
 log = logging.getLogger(__name__)
 
 PARTIAL = ".vmrepo-partial-"
-FALLOC_FL_KEEP_SIZE = 0x01
-FALLOC_FL_PUNCH_HOLE = 0x02
-FALLOC_FL_ZERO_RANGE = 0x10
 _ZEROS = bytes(1 << 20)
 
 
@@ -54,18 +55,6 @@ def output_error(exc: OSError, path: Path, what: str) -> OutputError:
               errno.EPERM: "operation not permitted", errno.EIO: "I/O error"}.get(
         exc.errno or 0, exc.strerror or str(exc))
     return OutputError(f"cannot {what} {path}: {reason}", str(path), exc.errno)
-
-
-_FALLOCATE = libc.function("fallocate", [ctypes.c_int, ctypes.c_int, ctypes.c_int64,
-                                             ctypes.c_int64])
-
-
-def fallocate(fd: int, mode: int, offset: int, length: int) -> bool:
-    """``fallocate(fd, mode, ...)``, never emulated by writing; False where the file or
-    device cannot do it."""
-    if _FALLOCATE is None:
-        return False
-    return bool(_FALLOCATE(fd, mode, offset, length) == 0)
 
 
 class Target(ABC):

@@ -31,10 +31,15 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from vmrepo.storage.local import fsync_dir
+from vmrepo.storage.local import (
+    FALLOC_FL_KEEP_SIZE,
+    FALLOC_FL_PUNCH_HOLE,
+    fallocate,
+    fsync_dir,
+)
 
 from .errors import OutputError, RestoreError
-from .output import FALLOC_FL_KEEP_SIZE, FALLOC_FL_PUNCH_HOLE, fallocate, output_error
+from .output import output_error
 
 log = logging.getLogger(__name__)
 

@@ -85,6 +85,33 @@ def test_local_packs_leave_the_page_cache_once_durable(tmp_path: Path) -> None:
     assert b.get("data/aa/pack", 1 << 20, 10) and b.size("data/aa/pack") == 4 << 20
 
 
+def test_local_packs_are_allocated_before_they_are_written(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A large object's blocks are reserved in one call before its bytes are written
+    (beyond its end: the file's size is only ever what was written); a small one's are
+    not; the bytes are what was put, whether or not the file system could allocate."""
+    from vmrepo.storage import local
+
+    calls: list[tuple[int, int, int, int]] = []
+    real = local.fallocate
+
+    def spy(fd: int, mode: int, offset: int, length: int) -> bool:
+        calls.append((os.fstat(fd).st_size, mode, offset, length))
+        return real(fd, mode, offset, length)
+
+    monkeypatch.setattr(local, "fallocate", spy)
+    b = LocalBackend(tmp_path / "store", create=True)
+    pack = [os.urandom(3 << 20), os.urandom((1 << 20) + 7)]
+    b.put("data/aa/pack", pack)
+    b.put("index/seg", os.urandom(64 << 10))
+    assert calls == [(0, local.FALLOC_FL_KEEP_SIZE, 0, (4 << 20) + 7)]
+    assert b.get("data/aa/pack") == b"".join(pack)
+    assert b.size("data/aa/pack") == (4 << 20) + 7
+    monkeypatch.setattr(local, "fallocate", lambda *args: False)  # a file system without
+    b.put("data/bb/pack", pack)
+    assert b.get("data/bb/pack") == b"".join(pack)
+
+
 def test_local_failed_put_keeps_old_object(tmp_path: Path,
                                             monkeypatch: pytest.MonkeyPatch) -> None:
     b = LocalBackend(tmp_path / "store", create=True)
