@@ -22,6 +22,7 @@ from __future__ import annotations
 import base64
 import binascii
 import contextlib
+import hashlib
 import os
 import secrets
 import socket
@@ -205,24 +206,35 @@ class KeyFile:
         return self.mode if self.mode is not None and self.mode & 0o077 else None
 
 
-#: The most memory a key record may make scrypt take (a damaged or hostile record's
-#: parameters must not exhaust the host): 2 GiB, as OpenSSL's scrypt allows.
+#: What scrypt's parameters in a key record may cost (a damaged or hostile record must not
+#: exhaust the host): ``256 * n * r`` bytes (its 128 n r byte array, twice over) below
+#: 2 GiB, the bound OpenSSL's scrypt was given before libsodium's computed it.
 _SCRYPT_MAX_MEMORY = (1 << 31) - 1
 
 
 def _kek(passphrase: str, salt: bytes, n: int, r: int, p: int) -> bytes:
     """scrypt (RFC 7914) of ``passphrase``: 32 bytes; ValueError for parameters that are not
-    scrypt's or need more than :data:`_SCRYPT_MAX_MEMORY`.
+    scrypt's or cost more than :data:`_SCRYPT_MAX_MEMORY`, checked before anything is
+    allocated.
 
     libsodium's scrypt (through PyNaCl), a third faster than OpenSSL's on the same
     parameters and the same result: every command opened by a passphrase pays this once.
+    OpenSSL's (hashlib) where PyNaCl's libsodium was built without scrypt.
     """
-    from nacl.bindings import crypto_pwhash_scryptsalsa208sha256_ll as scrypt
-
-    memory = 128 * n * r + 128 * r * p + (1 << 20)
-    if memory > _SCRYPT_MAX_MEMORY:
+    if not (n >= 2 and n & (n - 1) == 0 and r >= 1 and p >= 1 and r * p < 1 << 30):
+        raise ValueError(f"n={n} r={r} p={p} are not scrypt parameters")
+    if 256 * n * r + (1 << 20) > _SCRYPT_MAX_MEMORY:
         raise ValueError(f"scrypt parameters n={n} r={r} p={p} need more than 2 GiB")
-    return scrypt(passphrase.encode(), salt, n, r, p, dklen=32, maxmem=memory)
+    from nacl import bindings
+
+    if not bindings.has_crypto_pwhash_scryptsalsa208sha256:
+        return hashlib.scrypt(passphrase.encode(), salt=salt, n=n, r=r, p=p, dklen=32,
+                              maxmem=256 * n * r + (1 << 20))
+    # What libsodium allocates: its array of n blocks and two more, its p blocks, a block
+    # of work space.
+    memory = 128 * r * (n + 2) + 128 * r * p + 256 * r + 64
+    return bindings.crypto_pwhash_scryptsalsa208sha256_ll(
+        passphrase.encode(), salt, n, r, p, dklen=32, maxmem=memory)
 
 
 def add_key(store: RepoStore, repository_id: str, master: MasterKey, passphrase: str,

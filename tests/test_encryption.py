@@ -357,6 +357,16 @@ def test_the_kdf_is_rfc_7914_scrypt(passphrase: str, salt: bytes, n: int, r: int
     assert keys._kek(passphrase, salt, n, r, p).hex() == expected
 
 
+def test_the_kdf_without_libsodiums_scrypt_is_openssls(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Where PyNaCl's libsodium lacks scrypt (a minimal build), OpenSSL's gives the key."""
+    from nacl import bindings
+    from vmrepo import keys
+    monkeypatch.setattr(bindings, "has_crypto_pwhash_scryptsalsa208sha256", False)
+    monkeypatch.setattr(bindings, "crypto_pwhash_scryptsalsa208sha256_ll", None)
+    passphrase, salt, n, r, p, expected = _SCRYPT_VECTORS[1]
+    assert keys._kek(passphrase, salt, n, r, p).hex() == expected
+
+
 @settings(max_examples=40, deadline=None)
 @given(passphrase=st.text(min_size=1, max_size=40), salt=st.binary(min_size=16, max_size=16),
        log_n=st.integers(1, 10), r=st.integers(1, 8), p=st.integers(1, 3))
@@ -370,12 +380,51 @@ def test_the_kdf_agrees_with_openssl_scrypt(passphrase: str, salt: bytes, log_n:
         passphrase.encode(), salt=salt, n=1 << log_n, r=r, p=p, dklen=32)
 
 
-@pytest.mark.parametrize(("n", "r", "p"), [(3, 8, 1), (1, 8, 1), (1 << 16, 0, 1),
-                                           (1 << 16, 8, 0), (1 << 30, 8, 1), (-2, 8, 1)])
+@pytest.mark.parametrize(("n", "r", "p"), [
+    (3, 8, 1), (1, 8, 1), (-2, 8, 1), (1 << 16, 0, 1), (1 << 16, 8, 0), (1 << 16, -8, 1),
+    (1 << 16, 8, -1), (2, 8, -2), (2, 1 << 31, -2), (2, 1 << 36, -2), (1 << 30, 8, 1),
+    (1 << 20, 8, 1), (2, 1 << 20, 1 << 10)])
 def test_a_records_impossible_or_huge_kdf_parameters_are_refused(n: int, r: int,
                                                                   p: int) -> None:
-    """A damaged record's parameters raise ValueError (the record then opens nothing),
-    without allocating what they ask for."""
+    """A damaged or hostile record's parameters raise ValueError (the record then opens
+    nothing), checked before anything is allocated: no more than OpenSSL's scrypt was
+    allowed (256 n r bytes below 2 GiB), and never a negative factor."""
+    import resource
+
     from vmrepo import keys
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     with pytest.raises(ValueError):
         keys._kek("passphrase", bytes(16), n, r, p)
+    assert resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before < 64 << 10  # KiB
+
+
+@pytest.mark.parametrize(("n", "r", "p"), [(4, 4097, 1), (2, 8192, 1), (1 << 19, 8, 1)])
+def test_large_but_allowed_kdf_parameters_open_as_before(n: int, r: int, p: int) -> None:
+    """Parameters OpenSSL's scrypt took (up to its bound) give the same key."""
+    import hashlib
+
+    from vmrepo import keys
+    assert keys._kek("pass", b"s" * 16, n, r, p) == hashlib.scrypt(
+        b"pass", salt=b"s" * 16, n=n, r=r, p=p, dklen=32, maxmem=256 * n * r + (1 << 20))
+
+
+def test_a_damaged_record_does_not_stop_another_from_opening() -> None:
+    """A record whose parameters are not scrypt's is passed over for the next one."""
+    from vmrepo import keys
+    from vmrepo.codec import Codec, RecordKind
+    from vmrepo.format import Hasher, key_key
+    from vmrepo.keys import MasterKey, add_key, unlock
+    from vmrepo.storage.memory import MemoryBackend
+    from vmrepo.store import RepoStore
+
+    store = RepoStore(MemoryBackend(), Codec(), Hasher(b"k" * 32))
+    master = MasterKey.new()
+    good = add_key(store, "r" * 32, master, "right", "good")
+    for i, (n, r, p) in enumerate([(1 << 16, 8, -1), (2, 1 << 31, -2), (3, 8, 1)]):
+        bad = {"v": 1, "id": f"{i}" * 32, "created": "2020-01-01T00:00:00+00:00", "host": "h",
+               "label": "bad", "kdf": {"algorithm": "scrypt", "n": n, "r": r, "p": p,
+                                       "salt": bytes(16)}, "sealed": bytes(80)}
+        store.put_record(RecordKind.KEY, key_key(bad["id"]), bad)
+    assert [k.label for k in keys.list_keys(store)][:3] == ["bad"] * 3
+    opened, info = unlock(store, "r" * 32, "right")
+    assert info.id == good.id and opened.ids == master.ids
