@@ -201,14 +201,16 @@ class Index:
     # -- adding --------------------------------------------------------------
 
     def publish(self, segment_id: bytes, segment: Segment) -> None:
-        """Make a durable segment's entries visible (a session's own, or a small new one)."""
+        """Make a durable segment's entries visible (a session's own, or a small new one);
+        IntegrityError, leaving the index as it was, if an entry is malformed."""
+        records = list(check_records(segment, index_key(segment_id)))
         with self._lock:
             if segment_id in self._covered:
                 return
             for pid, size in zip(segment.packs, segment.pack_sizes, strict=True):
                 self._mem_pack_sizes[pid] = size
             packs, mem = segment.packs, self._mem
-            for bid, ref, off, length, raw, btype in segment.records():
+            for bid, ref, off, length, raw, btype in records:
                 mem.setdefault(bid, []).append(
                     Location(packs[ref], BLOB_TYPES[btype], off, length, raw))
             self._mem_count += len(segment)

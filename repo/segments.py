@@ -47,11 +47,6 @@ class Segment:
         """``(blob id, pack number, offset, length, raw length, type)`` per entry."""
         return ENTRY.iter_unpack(self.entries)
 
-    def blob_entries(self) -> Iterator[tuple[bytes, BlobEntry]]:
-        """``(pack id, entry)`` per entry."""
-        for bid, ref, off, length, raw, btype in self.records():
-            yield self.packs[ref], BlobEntry(bid, BlobType(btype), off, length, raw)
-
 
 def pack_entries(packs: Sequence[tuple[bytes, int | None, Iterable[BlobEntry]]]
                  ) -> tuple[list[bytes], list[int | None], bytes]:

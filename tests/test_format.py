@@ -172,7 +172,8 @@ def test_segment_v2_roundtrip_is_sorted(packs: list[list[tuple[bytes, int, int, 
     seg = decode_segment(CODEC, raw, key)
     assert seg.supersedes == [b"s" * 32] and seg.pack_sizes == [1000 + i for i in
                                                                  range(len(packs))]
-    got = sorted((pid, e.as_list()) for pid, e in seg.blob_entries())
+    got = sorted((seg.packs[ref], [bid, btype, off, ln, raw])
+                 for bid, ref, off, ln, raw, btype in seg.records())
     want = sorted((pid, e.as_list()) for pid, _, es in items for e in es)
     assert got == want
     ids = [r[0] for r in seg.records()]
@@ -183,5 +184,6 @@ def test_segment_v1_is_read() -> None:
     bid = os.urandom(32)
     raw = b"\x00" + pack_map({"v": 1, "packs": [[b"p" * 32, [[bid, 0, 8, 100, 200]]]]})
     seg = decode_segment(CODEC, raw, "index/x")
-    assert list(seg.blob_entries()) == [(b"p" * 32, BlobEntry(bid, BlobType.CHUNK, 8, 100, 200))]
+    assert seg.packs == [b"p" * 32]
+    assert list(seg.records()) == [(bid, 0, 8, 100, 200, int(BlobType.CHUNK))]
     assert seg.pack_sizes == [None]

@@ -187,3 +187,35 @@ def test_runs_merge_by_block_copy_with_duplicates_and_fanout(tmp_path: Path) -> 
         assert merged.find(rec[0])
     reopened = Run(tmp_path / "m.idx")
     assert all(reopened.find(r[0]) for r in big[::13])
+
+
+@pytest.mark.parametrize("bad", ["pack number", "blob type", "order"])
+def test_a_malformed_segment_is_refused_and_the_index_left_as_it_was(tmp_path: Path,
+                                                                     bad: str) -> None:
+    """Published entries are checked first: a malformed one raises IntegrityError naming
+    the segment, and nothing of that segment becomes visible."""
+    import struct
+
+    from vmrepo.errors import IntegrityError
+    from vmrepo.segments import ENTRY, Segment
+
+    idx = Index(tmp_path / "idx")
+    good_id = os.urandom(32)
+    idx.publish(b"g" * 32, Segment([b"p" * 32], [None],
+                                   ENTRY.pack(good_id, 0, 0, 10, 10, int(BlobType.CHUNK))))
+    ids = sorted(os.urandom(32) for _ in range(3))
+    entries = [[bid, 0, 10 * i, 10, 10, int(BlobType.CHUNK)] for i, bid in enumerate(ids)]
+    if bad == "pack number":
+        entries[2][1] = 1
+    elif bad == "blob type":
+        entries[2][5] = max(BlobType) + 1
+    else:
+        entries[0], entries[2] = entries[2], entries[0]
+    seg = Segment([b"q" * 32], [None], b"".join(struct.pack(ENTRY.format, *e)
+                                                for e in entries))
+    with pytest.raises(IntegrityError, match="malformed or misordered") as err:
+        idx.publish(b"s" * 32, seg)
+    assert err.value.key == index_key(b"s" * 32)
+    assert len(idx) == 1 and idx.covered == {b"g" * 32}
+    assert good_id in idx and idx.get(good_id) == Location(b"p" * 32, BlobType.CHUNK, 0, 10, 10)
+    assert not any(bid in idx for bid in ids)

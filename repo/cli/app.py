@@ -412,7 +412,9 @@ def _fail(code: int, message: str, exc: BaseException | None = None) -> NoReturn
 
 
 def main(argv: list[str] | None = None) -> NoReturn:
-    """Entry point: run the CLI and turn errors into one line and an exit code."""
+    """Entry point: run the CLI and turn errors into one line and an exit code. The
+    process's last work: it ends by freezing every object left (``gc.freeze``), which a
+    caller that went on would keep for good."""
     try:
         _main(argv)
     finally:
