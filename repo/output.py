@@ -198,7 +198,7 @@ class DeviceTarget(Target):
 
     def zero(self, offset: int, length: int) -> None:
         if self.discard and fallocate(self.fd, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE,
-                                   offset, length):
+                                      offset, length):
             self.discarded += length
             return
         if fallocate(self.fd, FALLOC_FL_ZERO_RANGE, offset, length):

@@ -8,7 +8,9 @@ as a key, so they never show up in listings. ``create`` hard-links the
 finished temporary file to the key, which fails atomically if the key
 exists. The etag of a listed file changes when it is replaced (new inode).
 
-Once a large object (a pack) is durable, its pages are dropped from the page
+A large object (a pack) has its blocks allocated in one ``fallocate`` before
+it is written, not page by page as the writes come (less of the kernel's
+time). Once it is durable, its pages are dropped from the page
 cache (``POSIX_FADV_DONTNEED``): a backup does not push the host's working
 set (its VMs' data) out of memory, and the pages freed are the ones the next
 pack is written into. On virtual machines whose freed memory goes back to
