@@ -7,6 +7,8 @@ import subprocess
 from pathlib import Path
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from vmrepo.sources.nbd import protocol as p
 from vmrepo.sources.nbd.client import (
     Extent,
@@ -142,3 +144,45 @@ def test_tcp_export(image: Path, tmp_path: Path) -> None:
     finally:
         proc.terminate()
         proc.wait(10)
+
+
+@st.composite
+def status_and_ranges(draw: st.DrawFn) -> tuple[list[Extent], list[tuple[int, int]]]:
+    """A disk described by base:allocation extents, and sorted disjoint ranges of it."""
+    sizes = draw(st.lists(st.integers(1, 40), min_size=1, max_size=30))
+    flags = draw(st.lists(st.sampled_from([0, 1, 2, 3]), min_size=len(sizes),
+                          max_size=len(sizes)))
+    extents, pos = [], 0
+    for n, fl in zip(sizes, flags, strict=True):
+        extents.append(Extent(pos, n, fl))
+        pos += n
+    cuts = sorted(set(draw(st.lists(st.integers(0, pos), max_size=20))) | {0, pos})
+    ranges = [(a, b - a) for k, (a, b) in enumerate(zip(cuts, cuts[1:], strict=False))
+              if k % 2 == draw(st.integers(0, 1)) and b > a]
+    return extents, ranges
+
+
+@settings(max_examples=300, deadline=None)
+@given(status_and_ranges(), st.integers(0, 50))
+def test_allocation_of_ranges_grouped_into_spans_is_that_of_each_range(
+        case: tuple[list[Extent], list[tuple[int, int]]], gap: int) -> None:
+    """Describing spans of nearby ranges and clipping the extents to each range gives what
+    a query per range gave: the same pieces, merged the same way."""
+    from vmrepo.sources.nbdread import STATE_ZERO, clipped, spans
+
+    extents, ranges = case
+
+    def described(start: int, end: int) -> list[Extent]:  # what QEMU answers for a range
+        return merge_extents(Extent(max(e.offset, start), min(e.offset + e.length, end)
+                                    - max(e.offset, start), e.flags)
+                             for e in extents if e.offset < end and e.offset + e.length > start)
+
+    want = [(e.offset, e.length, not e.flags & STATE_ZERO)
+            for off, n in ranges for e in described(off, off + n)]
+    groups = spans(ranges, gap)
+    assert [r for _, _, members in groups for r in members] == ranges
+    assert all(members[0][0] == start and sum(members[-1]) == end
+               for start, end, members in groups)
+    got = [piece for start, end, members in groups
+           for piece in clipped(described(start, end), members)]
+    assert got == want
