@@ -223,13 +223,14 @@ def _kek(passphrase: str, salt: bytes, n: int, r: int, p: int) -> bytes:
     """
     if not (n >= 2 and n & (n - 1) == 0 and r >= 1 and p >= 1 and r * p < 1 << 30):
         raise ValueError(f"n={n} r={r} p={p} are not scrypt parameters")
-    if 256 * n * r + (1 << 20) > _SCRYPT_MAX_MEMORY:
+    bound = 256 * n * r + (1 << 20)  # what OpenSSL's scrypt is given, and checked against
+    if bound > _SCRYPT_MAX_MEMORY:
         raise ValueError(f"scrypt parameters n={n} r={r} p={p} need more than 2 GiB")
     from nacl import bindings
 
     if not bindings.has_crypto_pwhash_scryptsalsa208sha256:
         return hashlib.scrypt(passphrase.encode(), salt=salt, n=n, r=r, p=p, dklen=32,
-                              maxmem=256 * n * r + (1 << 20))
+                              maxmem=bound)
     # What libsodium allocates: its array of n blocks and two more, its p blocks, a block
     # of work space.
     memory = 128 * r * (n + 2) + 128 * r * p + 256 * r + 64
