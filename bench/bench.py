@@ -9,9 +9,10 @@ third holes) as a raw file and as the qcow2 disk of a paused QEMU VM, then:
   one opened by a key file; QMP push also into repositories of 64 KiB and
   1 MiB chunks), borg (``--compression zstd,3``, no encryption) and restic,
   into fresh repositories, the tools taking turns, best of ``--rounds``;
-* 4 KiB writes into 1% of the 64 KiB blocks (through QEMU for the VM, the same
-  bytes into the raw file), then an incremental backup with each (vmrepo
-  through QEMU's bitmaps; restic, borg and the file source re-read);
+* in each round, 4 KiB writes into another 1% of the 64 KiB blocks (through
+  QEMU for the VM, the same bytes into the raw file), then an incremental
+  backup with each (vmrepo through QEMU's bitmaps; restic, borg and the file
+  source re-read), the tools taking turns, best of ``--rounds``;
 * a restore of the latest snapshot with each, checked with ``cmp`` (the
   benchmark exits with status 1 if one differs), best of ``--rounds`` with the
   tools taking turns (vmrepo reports its request count);
@@ -39,6 +40,7 @@ import shutil
 import subprocess
 import sys
 import tempfile
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -305,6 +307,19 @@ def best(results: list[Result]) -> Result:
     return min(results, key=lambda r: r.m.seconds)
 
 
+def best_of_rounds(paths: list[str], rounds: int, run: Callable[[str], Result],
+                   before: Callable[[int], None] | None = None) -> dict[str, Result]:
+    """Each path's best of ``rounds`` runs, the paths taking turns (:func:`turns`);
+    ``before(r)`` runs ahead of round ``r``."""
+    runs: dict[str, list[Result]] = {p: [] for p in paths}
+    for r in range(rounds):
+        if before is not None:
+            before(r)
+        for path in turns(paths, r, rounds):
+            runs[path].append(run(path))
+    return {p: best(rs) for p, rs in runs.items()}
+
+
 # -- the report ------------------------------------------------------------------
 
 
@@ -477,10 +492,11 @@ def docs_section(b: Bench, rounds: int, writes: int, results: str, tgts: str,
              "text-like data, a third holes) as a raw file and as the qcow2 disk of a paused "
              "QEMU VM, and runs with each path in turn: a full backup into a fresh repository "
              f"(best of {rounds}, the tools taking turns, each round starting elsewhere in "
-             "the order), 4 KiB writes into 1% of the 64 KiB "
+             "the order), then in each round 4 KiB writes into another 1% of the 64 KiB "
              f"blocks ({writes} writes, through QEMU for the VM, the same bytes in the raw "
-             "file), an incremental backup, and a restore of the latest snapshot (best of "
-             f"{rounds}, checked with `cmp`). " + ("; ".join(tools) + ". " if tools else "")
+             f"file) and an incremental backup (best of {rounds}, the tools taking turns), "
+             f"and a restore of the latest snapshot (best of {rounds}, checked with `cmp`). "
+             + ("; ".join(tools) + ". " if tools else "")
              + "vmrepo's restores run with `--no-sync`, like restic's and borg's, which do not "
              "wait for the disk either. Each command runs in its own process, after a `sync`, "
              "timed from its start to its exit."),
@@ -534,23 +550,27 @@ def main() -> None:
     try:
         b.prepare()
         table: dict[tuple[str, str], Result] = {}
-        fulls: dict[str, list[Result]] = {p: [] for p in paths}
-        for r in range(rounds):
-            for path in turns(paths, r, rounds):  # every full starts from an empty repository
-                b.init(path)
-                fulls[path].append(b.backup(path, "full"))
-        for path in paths:
-            table[(path, "full")] = best(fulls[path])
-        n = b.change(random.Random(7))
-        print(f"bench: {n} writes of 4 KiB into 1% of the 64 KiB blocks", flush=True)
-        for path in paths:
-            table[(path, "incremental")] = b.backup(path, "incremental")
-        restores: dict[str, list[Result]] = {p: [] for p in paths}
-        for r in range(rounds):
-            for path in turns(paths, r, rounds):
-                restores[path].append(b.restore(path))
-        for path in paths:
-            table[(path, "restore")] = best(restores[path])
+
+        def full(path: str) -> Result:
+            b.init(path)  # every full starts from an empty repository
+            return b.backup(path, "full")
+
+        # Each round writes into another 1% of the blocks, and every tool backs that up: one
+        # incremental is one sample, as noisy as one full.
+        rnd = random.Random(7)
+        writes = 0
+
+        def change(_round: int) -> None:
+            nonlocal writes
+            writes = b.change(rnd)
+            print(f"bench: {writes} writes of 4 KiB into 1% of the 64 KiB blocks", flush=True)
+
+        phases = {"full": (full, None),
+                  "incremental": (lambda path: b.backup(path, "incremental"), change),
+                  "restore": (b.restore, None)}
+        for phase, (run, before) in phases.items():
+            for path, result in best_of_rounds(paths, rounds, run, before).items():
+                table[(path, phase)] = result
         results = results_table(b, table)
         ts = targets(b, table)
         tgts = targets_table(ts)
@@ -561,7 +581,7 @@ def main() -> None:
             print(f"\n{note}")
         if docs is not None:
             docsgen.write_section(docs, "bench.py",
-                                  docs_section(b, rounds, n, results, tgts, notes),
+                                  docs_section(b, rounds, writes, results, tgts, notes),
                                   replaces="Every path beside borg and restic")
             print(f"\nbench: results written into {docs}", flush=True)
     finally:
