@@ -219,8 +219,10 @@ class Bench:
         os.sync()  # nobody pays for another's write-back
         qemu_cpu = 0.0
         if path == "borg":
-            m = run_measured(["borg", "create", "--compression", "zstd,3", f"::{phase}",
-                              self.raw.name], env=self.env(path), cwd=self.work)
+            # An archive's name is unique in its repository (an incremental per round).
+            m = run_measured(["borg", "create", "--compression", "zstd,3",
+                              f"::{phase}-{len(self.runs)}", self.raw.name],
+                             env=self.env(path), cwd=self.work)
         elif path == "restic":
             m = run_measured(["restic", "backup", "-q", "--compression", "auto",
                               self.raw.name], env=self.env(path), cwd=self.work)
@@ -515,8 +517,10 @@ def docs_section(b: Bench, rounds: int, writes: int, results: str, tgts: str,
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--size", default="2G")
-    ap.add_argument("--rounds", type=int, default=2, help="runs per path (best counts)")
-    ap.add_argument("--quick", action="store_true", help="a 192 MiB disk, one round")
+    ap.add_argument("--rounds", type=int, default=None,
+                    help="runs per path (best counts; default 2, with --quick 1)")
+    ap.add_argument("--quick", action="store_true", help="a 192 MiB disk, one round unless "
+                    "--rounds says otherwise")
     ap.add_argument("--skip", action="append", default=[], choices=(*VMREPO_PATHS, *OTHERS),
                     help="leave out a path")
     ap.add_argument("--only", action="append", default=[], choices=(*VMREPO_PATHS, *OTHERS),
@@ -526,10 +530,12 @@ def main() -> None:
                     "(default for a run without --quick, --skip or --only: docs/benchmarks.md)")
     ap.add_argument("--no-docs", action="store_true", help="write no document")
     args = ap.parse_args()
+    if args.rounds is not None and args.rounds < 1:
+        ap.error("--rounds: at least 1")
     size = parse_size(args.size)
-    rounds = args.rounds
+    rounds = args.rounds or (1 if args.quick else 2)
     if args.quick:
-        size, rounds = 192 << 20, 1
+        size = 192 << 20
     docs = args.docs
     if docs is None and not (args.quick or args.skip or args.only or args.no_docs):
         docs = docsgen.DEFAULT_DOCS

@@ -141,6 +141,28 @@ def test_bench_quick_runs_every_path(tmp_path: Path) -> None:
     assert text.startswith(head) and text.endswith(tail.lstrip("\n"))
 
 
+def test_bench_rounds_take_every_phase_again(tmp_path: Path) -> None:
+    """Each round runs every phase of every path again, the incremental after writes of its
+    own (borg's archives, restic's snapshots and the VM's bitmaps carry over the rounds)."""
+    others = [p for p in ("borg", "restic") if shutil.which(p)]
+    paths = ["file", "qmp", *others]
+    out = run("bench.py", "--quick", "--rounds", "2", *(a for p in paths for a in ("--only", p)),
+              "--no-docs")
+    runs = re.findall(r"^  (\S+)\s+(full|incremental|restore)\s+([\d.]+) s", out, re.M)
+    assert sorted((p, ph) for p, ph, _ in runs) == sorted(
+        (p, ph) for p in paths for ph in PHASES for _ in range(2))
+    assert out.count("writes of 4 KiB into 1% of the 64 KiB blocks") == 2
+    rows = {(r["path"], r["phase"]): r for r in tables(out)[0]}
+    for path, phase in rows:  # the table keeps each path's best run
+        best = min(float(s) for p, ph, s in runs if (p, ph) == (path, phase))
+        assert float(rows[(path, phase)]["seconds"]) == pytest.approx(best, abs=0.006)
+    assert float(rows[("qmp", "incremental")]["read MiB"]) < \
+        float(rows[("qmp", "full")]["read MiB"]) / 4
+    res = subprocess.run([sys.executable, str(BENCH / "bench.py"), "--rounds", "0"],
+                         capture_output=True, text=True, timeout=60)
+    assert res.returncode == 2 and "--rounds: at least 1" in res.stderr
+
+
 def test_scale_bench_quick() -> None:
     out = run("scale_bench.py", "--quick")
     assert "results written" not in out  # --quick writes no document by itself
