@@ -172,7 +172,8 @@ class KeyNotFound(VmrepoError):
 
 class KeyRefused(VmrepoError):
     """A key change refused: removing the only key, the last passphrase or the key in use,
-    `passwd` under a key file, or a new passphrase that a key already has."""
+    `passwd` under a key file, a new passphrase that a key already has, or a key file to be
+    written inside the repository."""
 
     def __init__(self, message: str, key_id: str | None = None) -> None:
         super().__init__(message)

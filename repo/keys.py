@@ -250,6 +250,13 @@ def add_key(store: RepoStore, repository_id: str, master: MasterKey, passphrase:
                      "salt": salt})
 
 
+def inside(path: str, directory: str) -> bool:
+    """Whether ``path`` lies inside ``directory``, symbolic links followed: a key file kept
+    inside a local repository would go with every copy of it, and open each."""
+    root = os.path.realpath(directory)
+    return os.path.commonpath([root, os.path.realpath(path)]) == root
+
+
 def add_key_file(store: RepoStore, repository_id: str, master: MasterKey, path: str,
                  label: str = "") -> tuple[KeyInfo, KeyFile]:
     """Write a new key file at ``path`` (KeyFileError if it cannot be), then store the key

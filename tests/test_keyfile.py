@@ -259,3 +259,28 @@ def test_a_remote_key_file_that_is_not_a_path_is_a_config_error(work: Path) -> N
     res = run_cli("--config", "bad.toml", "-r", "offsite", "snapshots", cwd=work, check=False)
     assert res.returncode == exitcodes.CONFIG
     assert "remote offsite: key_file must be a non-empty string" in res.stderr
+
+
+def test_a_key_file_is_not_written_inside_the_repository_and_one_found_there_is_warned_of(
+        work: Path) -> None:
+    """A copy of the repository (rsync, a tape, a snapshot of its file system) would carry
+    a key file kept inside it, and open with it."""
+    before = run_json("key", "list", cwd=work)["keys"]
+    for inside in ("repo/host.key", "repo/keys/host.key", "./repo/../repo/host.key"):
+        res = run_cli("key", "add", "--key-file", inside, cwd=work, check=False)
+        assert (res.returncode, len(res.stderr.strip().splitlines())) == (exitcodes.USAGE, 1)
+        assert "inside the repository" in res.stderr and "outside" in res.stderr, res.stderr
+        assert not (work / inside).exists()
+    (work / "link").symlink_to(work / "repo")  # the same directory by another name
+    res = run_cli("key", "add", "--key-file", "link/host.key", cwd=work, check=False)
+    assert res.returncode == exitcodes.USAGE and "inside the repository" in res.stderr
+    assert run_json("key", "list", cwd=work)["keys"] == before
+    # Beside the repository (a name that merely starts like it) is fine.
+    run_cli("key", "add", "--key-file", "repo.key", cwd=work)
+    assert run_cli("snapshots", cwd=work, env=_as_host(work, "repo.key")).stderr == ""
+    # One that was put there by hand still opens it, with a warning.
+    os.rename(work / "repo.key", work / "repo" / "host.key")
+    res = run_cli("snapshots", cwd=work, env={**NO_PASSPHRASE,
+                                              "VMREPO_KEY_FILE": str(work / "repo" / "host.key")})
+    assert "lies inside the repository" in res.stderr, res.stderr
+    assert len(res.stderr.strip().splitlines()) == 1

@@ -40,7 +40,7 @@ from ..errors import (
     WrongPassphrase,
 )
 from ..interrupts import raise_interrupt
-from ..keys import KeyFile, KeyFileError, passphrase_from_env
+from ..keys import KeyFile, KeyFileError, inside, passphrase_from_env
 from ..locks import REPOSITORY, RepoLock, acquire
 from ..memtune import limit_malloc_arenas, tune_malloc
 from ..plugins import open_backend
@@ -270,6 +270,10 @@ class Context:
                 if mode is not None:
                     self.warn(f"the key file {key_file.path} is open to other users (mode "
                               f"{mode:04o}): `chmod 600 {key_file.path}`")
+                if os.path.isabs(location) and inside(key_file.path, location):
+                    self.warn(f"the key file {key_file.path} lies inside the repository: "
+                              "every copy of the repository carries the key that opens it "
+                              "(move the key file outside)")
                 return key_file
             if key_file is not None:
                 other = key_file
