@@ -9,8 +9,8 @@ third holes) as a raw file and as the qcow2 disk of a paused QEMU VM, then:
   one opened by a key file; QMP push also into repositories of 64 KiB and
   1 MiB chunks), borg (``--compression zstd,3``, no encryption) and restic,
   into fresh repositories, the tools taking turns, best of ``--rounds``;
-* in each round, 4 KiB writes into another 1% of the 64 KiB blocks (through
-  QEMU for the VM, the same bytes into the raw file), then an incremental
+* in each round, 4 KiB writes of new bytes into the same 1% of the 64 KiB blocks
+  (through QEMU for the VM, the same bytes into the raw file), then an incremental
   backup with each (vmrepo through QEMU's bitmaps; restic, borg and the file
   source re-read), the tools taking turns, best of ``--rounds``;
 * a restore of the latest snapshot with each, checked with ``cmp`` (the
@@ -244,9 +244,13 @@ class Bench:
         self._say(r)
         return r
 
-    def change(self, rnd: random.Random) -> int:
-        """4 KiB writes into 1% of the 64 KiB blocks, the same bytes in the VM and the file."""
-        blocks = sorted(rnd.sample(range(self.size // 65536), self.size // 65536 // 100))
+    def blocks(self, rnd: random.Random) -> list[int]:
+        """1% of the 64 KiB blocks, at random."""
+        return sorted(rnd.sample(range(self.size // 65536), self.size // 65536 // 100))
+
+    def change(self, blocks: list[int], rnd: random.Random) -> int:
+        """A 4 KiB write into each of ``blocks`` (a byte repeated, another each time), the same
+        bytes in the VM and the file."""
         with open(self.raw, "r+b") as f:
             for b in blocks:
                 pattern = rnd.randrange(1, 256)
@@ -494,9 +498,10 @@ def docs_section(b: Bench, rounds: int, writes: int, results: str, tgts: str,
              "text-like data, a third holes) as a raw file and as the qcow2 disk of a paused "
              "QEMU VM, and runs with each path in turn: a full backup into a fresh repository "
              f"(best of {rounds}, the tools taking turns, each round starting elsewhere in "
-             "the order), then in each round 4 KiB writes into another 1% of the 64 KiB "
-             f"blocks ({writes} writes, through QEMU for the VM, the same bytes in the raw "
-             f"file) and an incremental backup (best of {rounds}, the tools taking turns), "
+             "the order), then in each round 4 KiB writes of new bytes into the same 1% of "
+             f"the 64 KiB blocks ({writes} writes, through QEMU for the VM, the same bytes in "
+             f"the raw file) and an incremental backup (best of {rounds}, the tools taking "
+             "turns), "
              f"and a restore of the latest snapshot (best of {rounds}, checked with `cmp`). "
              + ("; ".join(tools) + ". " if tools else "")
              + "vmrepo's restores run with `--no-sync`, like restic's and borg's, which do not "
@@ -561,14 +566,16 @@ def main() -> None:
             b.init(path)  # every full starts from an empty repository
             return b.backup(path, "full")
 
-        # Each round writes into another 1% of the blocks, and every tool backs that up: one
-        # incremental is one sample, as noisy as one full.
+        # Every round writes new bytes into the same 1% of the blocks, and every tool backs
+        # that up: one incremental is one sample, as noisy as one full. The latest snapshot
+        # then differs from the full in that 1% alone, as after a single round.
         rnd = random.Random(7)
+        blocks = b.blocks(rnd)
         writes = 0
 
         def change(_round: int) -> None:
             nonlocal writes
-            writes = b.change(rnd)
+            writes = b.change(blocks, rnd)
             print(f"bench: {writes} writes of 4 KiB into 1% of the 64 KiB blocks", flush=True)
 
         phases = {"full": (full, None),
