@@ -21,7 +21,8 @@
      ├── WrongPassphrase        no key of an encrypted repository opens with the passphrase
      ├── NoPassphrase           an encrypted repository needs a passphrase and none can be read
      ├── KeyNotFound            no key (or several) matches the id given
-     ├── KeyRefused             a key change that would lock people out or repeat a key
+     ├── KeyRefused             a key change that would lock people out, repeat a key or
+     │                          put a key file inside the repository
      └── Interrupted            the operation was stopped by a signal
 
 Storage and source errors come from their own packages and are not wrapped.

@@ -251,8 +251,9 @@ def add_key(store: RepoStore, repository_id: str, master: MasterKey, passphrase:
 
 
 def inside(path: str, directory: str) -> bool:
-    """Whether ``path`` lies inside ``directory``, symbolic links followed: a key file kept
-    inside a local repository would go with every copy of it, and open each."""
+    """Whether ``path`` lies inside ``directory``, symbolic links followed (not bind mounts
+    or hard links): a key file kept inside a local repository would go with every copy of
+    it, and open each."""
     root = os.path.realpath(directory)
     return os.path.commonpath([root, os.path.realpath(path)]) == root
 

@@ -214,8 +214,8 @@ class Context:
             raise RepositoryNotFound(exc.location, f"nor a [remote.{word}] in the "
                                      f"config; its remotes: {remotes}") from None
         repo = Repository.open(backend, report=self.report,
-                               passphrase=lambda rid: self.passphrase(name_or_url,
-                                                                      backend.location, rid))
+                               passphrase=lambda rid: self.passphrase(name_or_url, backend,
+                                                                      rid))
         self._opened.append(repo)
         return repo
 
@@ -246,12 +246,13 @@ class Context:
         path = os.environ.get("VMREPO_KEY_FILE")
         return (os.path.expanduser(path), False) if path else None
 
-    def passphrase(self, name_or_url: str | None, location: str,
+    def passphrase(self, name_or_url: str | None, backend: Backend,
                    repository_id: str) -> str | KeyFile:
         """What opens a repository: its key file (:meth:`_key_file`), else its passphrase
         (:meth:`_password_env`), else one asked on the terminal. Never taken from the
         command line. ``$VMREPO_KEY_FILE`` of another repository (the source of a copy,
         say) leaves this one to its passphrase."""
+        location = backend.location
         chosen = self._key_file(name_or_url)
         other: KeyFile | None = None
         if chosen is not None:
@@ -270,7 +271,7 @@ class Context:
                 if mode is not None:
                     self.warn(f"the key file {key_file.path} is open to other users (mode "
                               f"{mode:04o}): `chmod 600 {key_file.path}`")
-                if os.path.isabs(location) and inside(key_file.path, location):
+                if backend.local and inside(key_file.path, location):
                     self.warn(f"the key file {key_file.path} lies inside the repository: "
                               "every copy of the repository carries the key that opens it "
                               "(move the key file outside)")

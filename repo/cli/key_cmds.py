@@ -55,6 +55,12 @@ def key(ctx: Context, action: str, key_id: str | None, label: str,
     if action == "add" and from_export is not None:
         _add_from_export(ctx, from_export, label)
         return
+    if key_file is not None:  # before a passphrase is asked for
+        backend = ctx.backend_for()
+        if backend.local and keys.inside(str(key_file), backend.location):
+            raise KeyRefused(f"{key_file} is inside the repository {backend.location}: every "
+                             "copy of the repository would carry the key that opens it (write "
+                             "the key file outside)")
     r, used = _unlocked(ctx)
     store, rid = r.store, r.config.repository_id
     assert r.master is not None
@@ -65,10 +71,6 @@ def key(ctx: Context, action: str, key_id: str | None, label: str,
                      f"{'*' if k.id == used.id else ' '} {k.id[:8]}  {k.created[:19]}  {k.host}  "
                      f"{_KINDS.get(k.kdf, k.kdf):10}  {k.label or '-'}" for k in infos)))
     elif action == "add" and key_file is not None:
-        if r.backend.local and keys.inside(str(key_file), r.backend.location):
-            raise KeyRefused(f"{key_file} is inside the repository {r.backend.location}: every "
-                             "copy of the repository would carry the key that opens it (write "
-                             "the key file outside)")
         try:
             new, made = keys.add_key_file(store, rid, r.master, str(key_file.absolute()), label)
         except keys.KeyFileError as exc:
