@@ -40,7 +40,7 @@ import shutil
 import subprocess
 import sys
 import tempfile
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -244,23 +244,18 @@ class Bench:
         self._say(r)
         return r
 
-    def blocks(self, rnd: random.Random) -> list[int]:
-        """1% of the 64 KiB blocks, at random."""
-        return sorted(rnd.sample(range(self.size // 65536), self.size // 65536 // 100))
-
-    def change(self, blocks: list[int], rnd: random.Random) -> int:
-        """A 4 KiB write into each of ``blocks`` (a byte repeated, another each time), the same
-        bytes in the VM and the file."""
+    def change(self, writes: dict[int, int]) -> int:
+        """A 4 KiB write of byte ``pattern`` at the start of each 64 KiB ``block`` of
+        ``writes`` ({block: pattern}), the same bytes in the VM and the file."""
         with open(self.raw, "r+b") as f:
-            for b in blocks:
-                pattern = rnd.randrange(1, 256)
+            for b, pattern in sorted(writes.items()):
                 f.seek(b * 65536)
                 f.write(bytes([pattern]) * 4096)
                 if self.vm is not None:
                     self.vm.write(f"write -P {pattern} {b * 65536} 4k")
         if self.vm is not None:
             self.vm.write("flush")
-        return len(blocks)
+        return len(writes)
 
     def restore(self, path: str) -> Result:
         out = self.work / "restore"
@@ -300,6 +295,19 @@ class Bench:
         print(f"  {r.path:7} {r.phase:12} {r.m.seconds:7.2f} s  cpu {r.m.cpu:6.2f} s{qemu}  "
               f"peak rss {human_bytes(r.m.max_rss):>10}  added {human_bytes(r.added):>10}{more}",
               flush=True)
+
+
+def rewrites(blocks: int, rnd: random.Random) -> Iterator[dict[int, int]]:
+    """The writes of each round, {block: pattern}: the same 1% of ``blocks``, chosen at
+    random, every round; each block's byte another than in the round before (one that came
+    back would store nothing new)."""
+    chosen = sorted(rnd.sample(range(blocks), blocks // 100))
+    last: dict[int, int] = {}
+    while True:
+        # 1 to 255, never the block's last one: one of the 254 others, at random.
+        last = {b: (last[b] + rnd.randrange(1, 255) - 1) % 255 + 1 if b in last
+                else rnd.randrange(1, 256) for b in chosen}
+        yield dict(last)
 
 
 def turns(paths: list[str], r: int, rounds: int) -> list[str]:
@@ -569,13 +577,12 @@ def main() -> None:
         # Every round writes new bytes into the same 1% of the blocks, and every tool backs
         # that up: one incremental is one sample, as noisy as one full. The latest snapshot
         # then differs from the full in that 1% alone, as after a single round.
-        rnd = random.Random(7)
-        blocks = b.blocks(rnd)
+        plan = rewrites(b.size // 65536, random.Random(7))
         writes = 0
 
         def change(_round: int) -> None:
             nonlocal writes
-            writes = b.change(blocks, rnd)
+            writes = b.change(next(plan))
             print(f"bench: {writes} writes of 4 KiB into 1% of the 64 KiB blocks", flush=True)
 
         phases = {"full": (full, None),

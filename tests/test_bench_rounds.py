@@ -6,6 +6,7 @@ Pure logic of bench/bench.py (the benchmark itself runs in tests/test_bench.py).
 from __future__ import annotations
 
 import importlib.util
+import random
 import sys
 from pathlib import Path
 from types import ModuleType, SimpleNamespace
@@ -70,3 +71,16 @@ def test_without_a_preparation_the_rounds_still_take_turns() -> None:
     got = bench.best_of_rounds(["a", "b"], 2, run)
     assert order == ["a", "b", "b", "a"]
     assert {p: r.m.seconds for p, r in got.items()} == {"a": 1.0, "b": 2.0}
+
+
+def test_every_round_rewrites_the_same_blocks_with_bytes_they_did_not_hold() -> None:
+    bench = load_bench()
+    plan = bench.rewrites(32768, random.Random(7))  # the 2 GiB disk's 64 KiB blocks
+    rounds = [next(plan) for _ in range(50)]
+    assert len(rounds[0]) == 327
+    for before, now in zip(rounds, rounds[1:], strict=False):
+        assert now.keys() == before.keys()  # the same 1%: the latest snapshot stays 1% away
+        assert all(1 <= p <= 255 and p != before[b] for b, p in now.items())
+    # Every other byte comes, not a fixed cycle.
+    assert len({r[min(r)] for r in rounds}) > 20
+    assert bench.rewrites(32768, random.Random(7)).__next__() == rounds[0]  # reproducible
