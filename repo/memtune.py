@@ -12,7 +12,7 @@ from __future__ import annotations
 import ctypes
 from typing import Any
 
-from . import libc
+from vmrepo.storage import libc
 
 M_TRIM_THRESHOLD = -1
 M_MMAP_THRESHOLD = -3

@@ -18,7 +18,7 @@ import os
 import threading
 from collections.abc import Callable
 
-from . import libc
+from vmrepo.storage import libc
 
 log = logging.getLogger(__name__)
 

@@ -31,6 +31,7 @@ from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
+from . import libc
 from .base import (
     Backend,
     ObjectInfo,
@@ -77,17 +78,8 @@ def _translate(exc: OSError, key: str | None, what: str) -> StorageError:
     return BackendUnavailable(msg, key=key)
 
 
-def _c_fallocate() -> Any | None:
-    try:
-        fn = ctypes.CDLL(None, use_errno=True)["fallocate"]
-    except (OSError, AttributeError):
-        return None  # not the C library of Linux: callers do without
-    fn.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_int64, ctypes.c_int64]
-    fn.restype = ctypes.c_int
-    return fn
-
-
-_FALLOCATE = _c_fallocate()
+_FALLOCATE = libc.function("fallocate", [ctypes.c_int, ctypes.c_int, ctypes.c_int64,
+                                         ctypes.c_int64])
 
 
 def fallocate(fd: int, mode: int, offset: int, length: int) -> bool:

@@ -184,7 +184,8 @@ def test_c_library_functions_are_found_each_with_its_own_types() -> None:
     become another's; a function the library lacks is None."""
     import ctypes
 
-    from vmrepo import libc, memtune
+    from vmrepo import memtune
+    from vmrepo.storage import libc
 
     getpid = libc.function("getpid", [])
     assert getpid is not None and getpid() == os.getpid()
