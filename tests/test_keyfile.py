@@ -278,6 +278,10 @@ def test_a_key_file_is_not_written_inside_the_repository_and_one_found_there_is_
     res = run_cli("key", "add", "--key-file", "link/host.key", cwd=work, check=False)
     assert res.returncode == exitcodes.USAGE and "inside the repository" in res.stderr
     assert run_json("key", "list", cwd=work)["keys"] == before
+    # A mistyped remote is still said to be one, with --key-file too.
+    res = run_cli("-r", "ofsite", "key", "add", "--key-file", "x.key", cwd=work, check=False)
+    assert res.returncode == exitcodes.NO_REPOSITORY, res.stderr
+    assert "nor a [remote.ofsite] in the config; its remotes: offsite" in res.stderr
     # Beside the repository (a name that merely starts like it) is fine.
     run_cli("key", "add", "--key-file", "repo.key", cwd=work)
     assert run_cli("snapshots", cwd=work, env=_as_host(work, "repo.key")).stderr == ""

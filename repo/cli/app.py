@@ -202,17 +202,25 @@ class Context:
         table = f"[remote.{target}]" if target in self.settings.remotes else "[storage]"
         return open_backend(url, create=create, options=options, table=table)
 
-    def open_repo(self, name_or_url: str | None = None) -> Repository:
+    def repo_backend(self, name_or_url: str | None = None) -> Backend:
+        """:meth:`backend_for` of an existing repository; a missing one named by a bare word
+        is said to be no remote either (most likely a remote's name mistyped)."""
         try:
-            backend = self.backend_for(name_or_url)
+            return self.backend_for(name_or_url)
         except RepositoryNotFound as exc:
             word = name_or_url if name_or_url is not None else self.repo_url()
             if word in self.settings.remotes or "/" in word or not self.settings.remotes:
                 raise
-            # A bare word: most likely a remote's name mistyped.
             remotes = ", ".join(sorted(self.settings.remotes))
             raise RepositoryNotFound(exc.location, f"nor a [remote.{word}] in the "
                                      f"config; its remotes: {remotes}") from None
+
+    def open_repo(self, name_or_url: str | None = None,
+                  backend: Backend | None = None) -> Repository:
+        """The repository, opened (and unlocked); ``backend`` if the caller already has
+        :meth:`repo_backend`'s."""
+        if backend is None:
+            backend = self.repo_backend(name_or_url)
         repo = Repository.open(backend, report=self.report,
                                passphrase=lambda rid: self.passphrase(name_or_url, backend,
                                                                       rid))

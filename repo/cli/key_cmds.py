@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import click
+from vmrepo.storage.base import Backend
 
 from .. import keys
 from ..errors import ConfigError, KeyRefused, NoPassphrase, OutputError, WrongPassphrase
@@ -18,9 +19,10 @@ ACTIONS = ("list", "add", "remove", "passwd", "export")
 _KINDS = {"scrypt": "passphrase", keys.KDF_NONE: "key file"}
 
 
-def _unlocked(ctx: Context) -> tuple[Repository, keys.KeyInfo]:
-    """The repository, unlocked, and the key that opened it."""
-    r = ctx.open_repo()
+def _unlocked(ctx: Context, backend: Backend | None = None
+              ) -> tuple[Repository, keys.KeyInfo]:
+    """The repository (at ``backend``, if given), unlocked, and the key that opened it."""
+    r = ctx.open_repo(backend=backend)
     if r.master is None or r.key_used is None:
         raise ConfigError(f"{r.backend.location} is not encrypted: it has no keys")
     return r, r.key_used
@@ -55,13 +57,14 @@ def key(ctx: Context, action: str, key_id: str | None, label: str,
     if action == "add" and from_export is not None:
         _add_from_export(ctx, from_export, label)
         return
-    if key_file is not None:  # before a passphrase is asked for
-        backend = ctx.backend_for()
-        if backend.local and keys.inside(str(key_file), backend.location):
-            raise KeyRefused(f"{key_file} is inside the repository {backend.location}: every "
-                             "copy of the repository would carry the key that opens it (write "
-                             "the key file outside)")
-    r, used = _unlocked(ctx)
+    backend = ctx.repo_backend()
+    if key_file is not None and backend.local and keys.inside(str(key_file),
+                                                              backend.location):
+        # Before a passphrase is asked for.
+        raise KeyRefused(f"{key_file} is inside the repository {backend.location}: every "
+                         "copy of the repository would carry the key that opens it (write "
+                         "the key file outside)")
+    r, used = _unlocked(ctx, backend)
     store, rid = r.store, r.config.repository_id
     assert r.master is not None
     if action == "list":
