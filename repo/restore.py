@@ -129,6 +129,20 @@ def data_bytes(repo: Repository, disk: DiskRecord, allow_damaged: bool = False) 
     return sum(manifest.chunk_length(i) for i, cid in chunks if cid != ZERO_ID)
 
 
+def joined(spans: Iterable[tuple[int, int]]) -> Iterator[tuple[int, int]]:
+    """``[start, end)`` spans in order, those that touch joined into one."""
+    run: tuple[int, int] | None = None
+    for start, end in spans:
+        if run is not None and run[1] == start:
+            run = (run[0], end)
+            continue
+        if run is not None:
+            yield run
+        run = (start, end)
+    if run is not None:
+        yield run
+
+
 def write_disk(repo: Repository, manifest: Manifest, target: Target,
                chunks: Iterable[tuple[int, bytes]], stats: RestoreStats,
                progress: Progress | None, workers: int | None = None,
@@ -174,20 +188,10 @@ def write_disk(repo: Repository, manifest: Manifest, target: Target,
 
     def reserve(group: list[tuple[int, bytes]]) -> None:
         """Reserve the data ranges of ``group`` (chunks in order) in the output."""
-        run: list[int] = []  # [start, end) of consecutive data chunks
-        for index, cid in group:
-            if cid == ZERO_ID:
-                continue
-            start = index * manifest.chunk_size
-            end = start + manifest.chunk_length(index)
-            if run and run[1] == start:
-                run[1] = end
-                continue
-            if run:
-                target.reserve(run[0], run[1] - run[0])
-            run = [start, end]
-        if run:
-            target.reserve(run[0], run[1] - run[0])
+        for start, end in joined((index * manifest.chunk_size,
+                                  index * manifest.chunk_size + manifest.chunk_length(index))
+                                 for index, cid in group if cid != ZERO_ID):
+            target.reserve(start, end - start)
 
     def pick(group: list[tuple[int, bytes]]) -> Iterator[tuple[bytes, int]]:
         for index, cid in group:
