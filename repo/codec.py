@@ -38,8 +38,8 @@ import zstandard
 
 from .crypto import Cipher
 from .errors import IncompatibleRepository, IntegrityError
+from .format import ENVELOPE_PLAIN, ENVELOPE_SEALED
 
-ENVELOPE_PLAIN = 0x00
 COMPRESSION_NONE = 0x0
 COMPRESSION_ZSTD = 0x1
 _MSGPACK_ERRORS = (ValueError, TypeError, msgpack.ExtraData, msgpack.FormatError,
@@ -61,7 +61,6 @@ class RecordKind(Enum):
 
 #: Records that stay plain in an encrypted repository (read before the key is known).
 PLAIN_KINDS = frozenset({RecordKind.CONFIG, RecordKind.KEY})
-ENVELOPE_SEALED = 0x01
 ENCRYPTION_AEAD = 0x1
 #: Bytes of each blob compressed first to judge whether it compresses at all.
 SAMPLE = 3 * 4096

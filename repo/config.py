@@ -15,10 +15,17 @@ from typing import Any
 
 from vmrepo.storage.objectlock import Retention
 
-from .codec import ENVELOPE_PLAIN, check_version, pack_map, unpack_map
+from .codec import check_version, pack_map, unpack_map
 from .crypto import ALGORITHMS
 from .errors import IncompatibleRepository, IntegrityError
-from .format import FORMAT_VERSION, KNOWN_FEATURES, OBJECT_LOCK, OLDEST_VERSION, checksum
+from .format import (
+    ENVELOPE_PLAIN,
+    FORMAT_VERSION,
+    KNOWN_FEATURES,
+    OBJECT_LOCK,
+    OLDEST_VERSION,
+    checksum,
+)
 
 MIN_CHUNK = 64 << 10
 MAX_CHUNK = 4 << 20

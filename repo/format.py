@@ -24,6 +24,10 @@ OLDEST_VERSION = 1
 OBJECT_LOCK = "object-lock"
 KNOWN_FEATURES: frozenset[str] = frozenset({OBJECT_LOCK})
 
+#: A record's first byte (its envelope): a plain msgpack map follows, or that map sealed.
+ENVELOPE_PLAIN = 0x00
+ENVELOPE_SEALED = 0x01
+
 ID_SIZE = 32
 ZERO_ID = bytes(ID_SIZE)  # marks an all-zero chunk in a manifest page
 HEX_ID_LENGTH = 2 * ID_SIZE

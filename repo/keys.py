@@ -22,14 +22,11 @@ from __future__ import annotations
 import base64
 import binascii
 import contextlib
-import hashlib
 import os
 import secrets
 import socket
 import stat
-import subprocess
 import zlib
-from collections.abc import Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
@@ -44,10 +41,10 @@ from .errors import (
     IncompatibleRepository,
     IntegrityError,
     KeyNotFound,
-    NoPassphrase,
     WrongPassphrase,
 )
 from .format import KEY_PREFIX, key_key, parse_hex_name
+from .passphrase import scrypt
 from .store import RepoStore
 
 KEY_VERSION = 1
@@ -206,45 +203,13 @@ class KeyFile:
         return self.mode if self.mode is not None and self.mode & 0o077 else None
 
 
-#: What scrypt's parameters in a key record may cost (a damaged or hostile record must not
-#: exhaust the host): ``256 * n * r`` bytes (its 128 n r byte array, twice over) below
-#: 2 GiB, the bound OpenSSL's scrypt was given before libsodium's computed it.
-_SCRYPT_MAX_MEMORY = (1 << 31) - 1
-
-
-def _kek(passphrase: str, salt: bytes, n: int, r: int, p: int) -> bytes:
-    """scrypt (RFC 7914) of ``passphrase``: 32 bytes; ValueError for parameters that are not
-    scrypt's or cost more than :data:`_SCRYPT_MAX_MEMORY`, checked before anything is
-    allocated.
-
-    libsodium's scrypt (through PyNaCl), a third faster than OpenSSL's on the same
-    parameters and the same result: every command opened by a passphrase pays this once.
-    OpenSSL's (hashlib) where PyNaCl's libsodium was built without scrypt.
-    """
-    if not (n >= 2 and n & (n - 1) == 0 and r >= 1 and p >= 1 and r * p < 1 << 30):
-        raise ValueError(f"n={n} r={r} p={p} are not scrypt parameters")
-    bound = 256 * n * r + (1 << 20)  # what OpenSSL's scrypt is given, and checked against
-    if bound > _SCRYPT_MAX_MEMORY:
-        raise ValueError(f"scrypt parameters n={n} r={r} p={p} need more than 2 GiB")
-    from nacl import bindings
-
-    if not bindings.has_crypto_pwhash_scryptsalsa208sha256:
-        return hashlib.scrypt(passphrase.encode(), salt=salt, n=n, r=r, p=p, dklen=32,
-                              maxmem=bound)
-    # What libsodium allocates: its array of n blocks and two more, its p blocks, a block
-    # of work space.
-    memory = 128 * r * (n + 2) + 128 * r * p + 256 * r + 64
-    return bindings.crypto_pwhash_scryptsalsa208sha256_ll(
-        passphrase.encode(), salt, n, r, p, dklen=32, maxmem=memory)
-
-
 def add_key(store: RepoStore, repository_id: str, master: MasterKey, passphrase: str,
             label: str = "") -> KeyInfo:
     """Store a new key record: ``master`` sealed under ``passphrase``."""
     if not passphrase:
         raise ValueError("an empty passphrase protects nothing")
     salt = secrets.token_bytes(16)
-    kek = _kek(passphrase, salt, SCRYPT_N, SCRYPT_R, SCRYPT_P)
+    kek = scrypt(passphrase, salt, SCRYPT_N, SCRYPT_R, SCRYPT_P)
     return _put_key(store, repository_id, master, kek, label,
                     {"algorithm": "scrypt", "n": SCRYPT_N, "r": SCRYPT_R, "p": SCRYPT_P,
                      "salt": salt})
@@ -347,7 +312,7 @@ def unlock(store: RepoStore, repository_id: str, passphrase: str) -> tuple[Maste
             kdf = rec["kdf"]
             if kdf.get("algorithm") != "scrypt":
                 continue
-            kek = _kek(passphrase, bytes(kdf["salt"]), int(kdf["n"]), int(kdf["r"]),
+            kek = scrypt(passphrase, bytes(kdf["salt"]), int(kdf["n"]), int(kdf["r"]),
                        int(kdf["p"]))
             raw = ChaCha20Poly1305(kek).decrypt(_NONCE, bytes(rec["sealed"]),
                                                _aad(repository_id))
@@ -417,24 +382,3 @@ def find(store: RepoStore, prefix: str) -> KeyInfo:
         raise KeyNotFound(f"{'no' if not matches else 'more than one'} key matches {prefix!r} "
                           f"(keys: {known})")
     return matches[0]
-
-
-def passphrase_from_env(env: Mapping[str, str]) -> str | None:
-    """The passphrase from ``VMREPO_PASSWORD_FILE`` (its first line) or the first line
-    ``VMREPO_PASSWORD_COMMAND`` prints; None if neither is set."""
-    path = env.get("VMREPO_PASSWORD_FILE")
-    if path:
-        try:
-            with open(path, encoding="utf-8") as f:
-                return f.readline().rstrip("\r\n")
-        except (OSError, UnicodeDecodeError) as exc:
-            why = exc.strerror if isinstance(exc, OSError) else "not UTF-8 text"
-            raise NoPassphrase(f"cannot read the passphrase file {path}: {why}") from None
-    command = env.get("VMREPO_PASSWORD_COMMAND")
-    if command:
-        res = subprocess.run(command, shell=True, capture_output=True, text=True, check=False)
-        if res.returncode != 0:
-            raise NoPassphrase(f"the passphrase command failed with exit code "
-                               f"{res.returncode}")
-        return res.stdout.splitlines()[0] if res.stdout else ""
-    return None

@@ -1,8 +1,8 @@
 """The TOML configuration: repository location and VM definitions.
 
-Looked up in order: ``--config``, ``$VMREPO_CONFIG``, ``./vmrepo.toml``,
-``~/.config/vmrepo/config.toml``, ``/etc/vmrepo/config.toml``. A file named
-explicitly must exist; otherwise a missing file just means no VMs defined.
+Looked up in order (:mod:`vmrepo.configfile`): ``--config``, ``$VMREPO_CONFIG``,
+``./vmrepo.toml``, ``~/.config/vmrepo/config.toml``, ``/etc/vmrepo/config.toml``. A file
+named explicitly must exist; otherwise a missing file just means no VMs defined.
 """
 
 from __future__ import annotations
@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from .configfile import find_config
 from .errors import ConfigError
 from .retention import Policy
 from .spec import VM_NAME_RE
@@ -25,12 +26,6 @@ CORE_VM_KEYS = frozenset({"source", "keep"})
 #: The core's own keys of a ``[remote.NAME]`` table (the rest are storage settings).
 REMOTE_KEYS = frozenset({"repository", "keep", "password_file", "password_command",
                          "key_file"})
-
-SEARCH_PATH = (
-    Path("vmrepo.toml"),
-    Path("~/.config/vmrepo/config.toml"),
-    Path("/etc/vmrepo/config.toml"),
-)
 
 
 @dataclass
@@ -111,18 +106,6 @@ def parse_policy(table: Any, where: str, path: Path | None) -> Policy:
         raise ConfigError(f"{origin}{where}: no keep rule (every count is 0)",
                           str(path) if path else None)
     return policy
-
-
-def find_config(explicit: str | None, env: Mapping[str, str] = os.environ) -> Path | None:
-    if explicit:
-        return Path(explicit)
-    if env.get("VMREPO_CONFIG"):
-        return Path(env["VMREPO_CONFIG"])
-    for candidate in SEARCH_PATH:
-        path = candidate.expanduser()
-        if path.is_file():
-            return path
-    return None
 
 
 def load_settings(explicit: str | None, env: Mapping[str, str] = os.environ) -> Settings:

@@ -353,18 +353,18 @@ _SCRYPT_VECTORS = [
 @pytest.mark.parametrize(("passphrase", "salt", "n", "r", "p", "expected"), _SCRYPT_VECTORS)
 def test_the_kdf_is_rfc_7914_scrypt(passphrase: str, salt: bytes, n: int, r: int, p: int,
                                      expected: str) -> None:
-    from vmrepo import keys
-    assert keys._kek(passphrase, salt, n, r, p).hex() == expected
+    from vmrepo.passphrase import scrypt
+    assert scrypt(passphrase, salt, n, r, p).hex() == expected
 
 
 def test_the_kdf_without_libsodiums_scrypt_is_openssls(monkeypatch: pytest.MonkeyPatch) -> None:
     """Where PyNaCl's libsodium lacks scrypt (a minimal build), OpenSSL's gives the key."""
     from nacl import bindings
-    from vmrepo import keys
+    from vmrepo.passphrase import scrypt
     monkeypatch.setattr(bindings, "has_crypto_pwhash_scryptsalsa208sha256", False)
     monkeypatch.setattr(bindings, "crypto_pwhash_scryptsalsa208sha256_ll", None)
     passphrase, salt, n, r, p, expected = _SCRYPT_VECTORS[1]
-    assert keys._kek(passphrase, salt, n, r, p).hex() == expected
+    assert scrypt(passphrase, salt, n, r, p).hex() == expected
 
 
 @settings(max_examples=40, deadline=None)
@@ -375,8 +375,8 @@ def test_the_kdf_agrees_with_openssl_scrypt(passphrase: str, salt: bytes, log_n:
     """Records written with OpenSSL's scrypt (every earlier vmrepo) open with libsodium's."""
     import hashlib
 
-    from vmrepo import keys
-    assert keys._kek(passphrase, salt, 1 << log_n, r, p) == hashlib.scrypt(
+    from vmrepo.passphrase import scrypt
+    assert scrypt(passphrase, salt, 1 << log_n, r, p) == hashlib.scrypt(
         passphrase.encode(), salt=salt, n=1 << log_n, r=r, p=p, dklen=32)
 
 
@@ -391,10 +391,10 @@ def test_a_records_impossible_or_huge_kdf_parameters_are_refused(n: int, r: int,
     allowed (256 n r bytes below 2 GiB), and never a negative factor."""
     import resource
 
-    from vmrepo import keys
+    from vmrepo.passphrase import scrypt
     before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     with pytest.raises(ValueError):
-        keys._kek("passphrase", bytes(16), n, r, p)
+        scrypt("passphrase", bytes(16), n, r, p)
     assert resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before < 64 << 10  # KiB
 
 
@@ -403,8 +403,8 @@ def test_large_but_allowed_kdf_parameters_open_as_before(n: int, r: int, p: int)
     """Parameters OpenSSL's scrypt took (up to its bound) give the same key."""
     import hashlib
 
-    from vmrepo import keys
-    assert keys._kek("pass", b"s" * 16, n, r, p) == hashlib.scrypt(
+    from vmrepo.passphrase import scrypt
+    assert scrypt("pass", b"s" * 16, n, r, p) == hashlib.scrypt(
         b"pass", salt=b"s" * 16, n=n, r=r, p=p, dklen=32, maxmem=256 * n * r + (1 << 20))
 
 

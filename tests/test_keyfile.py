@@ -61,7 +61,7 @@ def test_a_key_file_opens_the_repository_without_a_passphrase(
     assert "key file    host1" in human and "passphrase  init" in human
     # Opening with it reads the one record it names (no listing of keys/) and runs no
     # scrypt.
-    monkeypatch.setattr(keys, "_kek", _no_scrypt)
+    monkeypatch.setattr(keys, "scrypt", _no_scrypt)
     monkeypatch.setattr(keys, "_records", _no_scrypt)
     repo = Repository.open(LocalBackend(work / "repo"),
                            passphrase=lambda _rid: keys.KeyFile.read(str(key_file)))

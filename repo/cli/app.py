@@ -40,9 +40,10 @@ from ..errors import (
     WrongPassphrase,
 )
 from ..interrupts import raise_interrupt
-from ..keys import KeyFile, KeyFileError, inside, passphrase_from_env
+from ..keys import KeyFile, KeyFileError, inside
 from ..locks import REPOSITORY, RepoLock, acquire
 from ..memtune import limit_malloc_arenas, tune_malloc
+from ..passphrase import passphrase_from_env
 from ..plugins import open_backend
 from ..repository import Repository
 from ..settings import Settings, load_settings
