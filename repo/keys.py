@@ -313,7 +313,7 @@ def unlock(store: RepoStore, repository_id: str, passphrase: str) -> tuple[Maste
             if kdf.get("algorithm") != "scrypt":
                 continue
             kek = scrypt(passphrase, bytes(kdf["salt"]), int(kdf["n"]), int(kdf["r"]),
-                       int(kdf["p"]))
+                         int(kdf["p"]))
             raw = ChaCha20Poly1305(kek).decrypt(_NONCE, bytes(rec["sealed"]),
                                                _aad(repository_id))
         except (InvalidTag, KeyError, TypeError, ValueError):
