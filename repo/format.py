@@ -3,8 +3,11 @@
 * Object ids: keyed BLAKE3-256 of the plaintext, the key from ``config``.
 * Object keys: where each kind of object lives in the store.
 * Format versions: what this vmrepo reads and what it writes.
+* A record's envelope byte (plain or sealed).
 
-How objects are encoded (records, blobs) is :mod:`vmrepo.codec`'s business.
+How objects are encoded (records, blobs) is :mod:`vmrepo.codec`'s business; the envelope
+bytes are here so that what reads a plain record before the heavy modules load
+(:mod:`vmrepo.cli.ahead`) need not import the codec.
 """
 
 from __future__ import annotations

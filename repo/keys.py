@@ -44,7 +44,7 @@ from .errors import (
     WrongPassphrase,
 )
 from .format import KEY_PREFIX, key_key, parse_hex_name
-from .passphrase import scrypt
+from .passphrase import scrypt, stop_ahead
 from .store import RepoStore
 
 KEY_VERSION = 1
@@ -307,7 +307,8 @@ def unlock(store: RepoStore, repository_id: str, passphrase: str) -> tuple[Maste
         raise IntegrityError(f"{store.backend.location} is encrypted but holds no readable key "
                              "record (keys/): it cannot be opened without the exported key "
                              "(`vmrepo key add --from-export`)", key="keys/")
-    for info, rec in records:
+    # By id (the record's name): the order in which the command line derives them ahead.
+    for info, rec in sorted(records, key=lambda record: record[0].id):
         try:
             kdf = rec["kdf"]
             if kdf.get("algorithm") != "scrypt":
@@ -316,8 +317,9 @@ def unlock(store: RepoStore, repository_id: str, passphrase: str) -> tuple[Maste
                          int(kdf["p"]))
             raw = ChaCha20Poly1305(kek).decrypt(_NONCE, bytes(rec["sealed"]),
                                                _aad(repository_id))
-        except (InvalidTag, KeyError, TypeError, ValueError):
-            continue
+        except (InvalidTag, KeyError, TypeError, ValueError, OverflowError):
+            continue  # a damaged or hostile record (n = inf, say) opens nothing
+        stop_ahead()
         return MasterKey.from_raw(raw), info
     raise WrongPassphrase(f"wrong passphrase for {store.backend.location}: no key of this "
                           "repository opens with it")

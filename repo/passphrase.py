@@ -1,8 +1,8 @@
 """Passphrases: where a command's passphrase comes from, and the key scrypt stretches it to.
 
 Every command that opens a repository by passphrase pays for scrypt once: 0.15 s and 64 MiB
-at the parameters of new key records. :func:`derive_ahead` starts that work on a thread of
-its own before the command line has loaded its modules (0.1 s of imports that would
+at the parameters of new key records. :func:`derive_ahead` starts that work in a child
+process before the command line has loaded its modules (0.1 s of imports that would
 otherwise come first, on the same core). :func:`scrypt` then takes the result derived ahead
 when it is asked for exactly the same passphrase, salt and parameters, and derives afresh for
 anything else: a guess made ahead can only save time, never change what a passphrase opens.
@@ -13,6 +13,10 @@ imports nothing heavy at its top.
 
 from __future__ import annotations
 
+import atexit
+import contextlib
+import os
+import signal
 import threading
 from collections.abc import Mapping, Sequence
 
@@ -27,17 +31,76 @@ SCRYPT_MAX_MEMORY = (1 << 31) - 1
 Params = tuple[bytes, int, int, int]
 
 
-class _Derivation:
-    """One scrypt run on the thread of :func:`derive_ahead`: its result once ``done``."""
+class _Child:
+    """A child process deriving keys ahead: each arrives on a pipe, in the order asked, as
+    one byte (1: derived, 0: failed) and 32 bytes. A process of its own rather than a
+    thread: scrypt on a thread slowed the imports it runs beside by a third (in one address
+    space; from another process, by a twentieth), and the thread would leave a malloc
+    arena of its own behind for the command's threads to share."""
 
-    def __init__(self) -> None:
-        self.done = threading.Event()
-        self.key: bytes | None = None
+    RECORD = 33
+
+    def __init__(self, pid: int, fd: int, count: int) -> None:
+        self.pid = pid
+        self.fd: int | None = fd
+        self.count = count
+        self.keys: list[bytes | None] = []
+        self.lock = threading.Lock()
+
+    def key(self, index: int) -> bytes | None:
+        """The ``index``-th key, waiting for it; None if the child did not derive it."""
+        with self.lock:
+            while len(self.keys) <= index and self.fd is not None:
+                record = self._read()
+                if record is None:
+                    self.reap()
+                    break
+                self.keys.append(record[1:] if record[0] == 1 else None)
+            if len(self.keys) >= self.count:
+                self.reap()
+            return self.keys[index] if index < len(self.keys) else None
+
+    def _read(self) -> bytes | None:
+        assert self.fd is not None
+        record = b""
+        while len(record) < self.RECORD:
+            try:
+                part = os.read(self.fd, self.RECORD - len(record))
+            except InterruptedError:
+                continue
+            if not part:
+                return None
+            record += part
+        return record
+
+    def reap(self, stop: bool = False) -> None:
+        """Close the pipe and wait for the child (killed first if ``stop``)."""
+        if self.fd is None:
+            return
+        os.close(self.fd)
+        self.fd = None
+        with contextlib.suppress(OSError):
+            if stop:
+                os.kill(self.pid, signal.SIGKILL)
+            os.waitpid(self.pid, 0)
 
 
-#: Derivations started ahead and not yet taken, by passphrase and parameters.
-_ahead: dict[tuple[str, Params], _Derivation] = {}
+#: Derivations started ahead and not yet taken, by passphrase and parameters: the child
+#: deriving each and its place in the child's order.
+_ahead: dict[tuple[str, Params], tuple[_Child, int]] = {}
+_children: list[_Child] = []
 _ahead_lock = threading.Lock()
+
+
+def stop_ahead() -> None:
+    """Stop every derivation started ahead and forget the keys not taken (once the
+    repository is open, or at exit): no child outlives its use, and no key lingers."""
+    with _ahead_lock:
+        _ahead.clear()
+        children = list(_children)
+    for child in children:
+        with child.lock:
+            child.reap(stop=True)
 
 
 def passphrase_from_env(env: Mapping[str, str]) -> str | None:
@@ -102,43 +165,61 @@ def scrypt(passphrase: str, salt: bytes, n: int, r: int, p: int) -> bytes:
     with _ahead_lock:
         started = _ahead.pop((passphrase, (salt, n, r, p)), None)
     if started is not None:
-        started.done.wait()
-        if started.key is not None:
+        child, index = started
+        key = child.key(index)
+        if key is not None:
             import logging
 
             logging.getLogger(__name__).debug("the passphrase's key was derived ahead")
-            return started.key
+            return key
     return _derive(passphrase, salt, n, r, p)
 
 
-def derive_ahead(passphrase: str, params: Sequence[Params]) -> threading.Thread | None:
-    """Start scrypt of ``passphrase`` for each of ``params`` in turn, on a daemon thread,
-    for :func:`scrypt` to take; None if there is nothing to derive. Parameters scrypt
-    would refuse are left out (scrypt refuses them again when asked)."""
-    todo = []
-    for salt, n, r, p in params:
-        try:
-            _bound(n, r, p)
-        except ValueError:
-            continue
-        derivation = _Derivation()
-        with _ahead_lock:
-            if (passphrase, (salt, n, r, p)) in _ahead:
-                continue
-            _ahead[passphrase, (salt, n, r, p)] = derivation
-        todo.append((salt, n, r, p, derivation))
-    if not todo:
-        return None
-
-    def run() -> None:
-        for salt, n, r, p, derivation in todo:
+def derive_ahead(passphrase: str, params: Sequence[Params]) -> bool:
+    """Start scrypt of ``passphrase`` for each of ``params`` in turn, in a child process
+    (``fork``: call it before the program starts threads), for :func:`scrypt` to take;
+    whether one started. Parameters scrypt would refuse are left out (scrypt refuses them
+    again when asked), as are those already being derived."""
+    todo: list[Params] = []
+    with _ahead_lock:
+        for salt, n, r, p in params:
             try:
-                derivation.key = _derive(passphrase, salt, n, r, p)
-            except Exception:  # noqa: BLE001 - scrypt() derives afresh, and reports it
-                pass
-            finally:
-                derivation.done.set()
+                _bound(n, r, p)
+            except ValueError:
+                continue
+            if (passphrase, (salt, n, r, p)) not in _ahead and (salt, n, r, p) not in todo:
+                todo.append((salt, n, r, p))
+        if not todo:
+            return False
+        # Imported before the fork: the child must not import (another thread's import in
+        # progress would hold the import lock in the child for good).
+        from nacl import bindings  # noqa: F401
 
-    thread = threading.Thread(target=run, name="derive-ahead", daemon=True)
-    thread.start()
-    return thread
+        read_end, write_end = os.pipe()
+        try:
+            pid = os.fork()
+        except OSError:
+            os.close(read_end)
+            os.close(write_end)
+            return False
+        if pid == 0:  # the child: derive, send, exit without running the parent's code
+            status = 1
+            try:
+                os.close(read_end)
+                for salt, n, r, p in todo:
+                    try:
+                        record = b"\x01" + _derive(passphrase, salt, n, r, p)
+                    except Exception:  # noqa: BLE001 - the parent derives afresh, and reports
+                        record = bytes(_Child.RECORD)
+                    os.write(write_end, record)
+                status = 0
+            finally:
+                os._exit(status)
+        os.close(write_end)
+        child = _Child(pid, read_end, len(todo))
+        if not _children:
+            atexit.register(stop_ahead)
+        _children.append(child)
+        for index, params_ in enumerate(todo):
+            _ahead[passphrase, params_] = (child, index)
+    return True

@@ -5,17 +5,21 @@ wrong guess changes nothing a command does or says."""
 from __future__ import annotations
 
 import hashlib
+import json
 import logging
 import os
+import subprocess
+import sys
 from pathlib import Path
 
+import msgpack
 import pytest
 from vmrepo import exitcodes
 from vmrepo.cli import ahead
 from vmrepo.format import KEY_PREFIX
 from vmrepo.passphrase import derive_ahead, scrypt
 
-from .helpers import run_cli, run_json
+from .helpers import run_cli, vmrepo_bin
 
 SALT = bytes(range(16))
 SMALL = (SALT, 1024, 8, 1)  # cheap parameters: the tests need not pay 64 MiB each
@@ -33,21 +37,18 @@ def _ahead_taken(caplog: pytest.LogCaptureFixture) -> int:
 def test_a_key_derived_ahead_is_taken_once_for_the_same_inputs(
         caplog: pytest.LogCaptureFixture) -> None:
     caplog.set_level(logging.DEBUG, logger="vmrepo.passphrase")
-    thread = derive_ahead("taken once", [SMALL])
-    assert thread is not None
+    assert derive_ahead("taken once", [SMALL])
     assert scrypt("taken once", *SMALL) == _openssl("taken once", *SMALL)
     assert _ahead_taken(caplog) == 1
     # Taken once: the next call derives afresh, to the same key.
     assert scrypt("taken once", *SMALL) == _openssl("taken once", *SMALL)
     assert _ahead_taken(caplog) == 1
-    thread.join()
 
 
 def test_other_inputs_than_the_guess_are_derived_afresh(
         caplog: pytest.LogCaptureFixture) -> None:
     caplog.set_level(logging.DEBUG, logger="vmrepo.passphrase")
-    thread = derive_ahead("guessed", [SMALL])
-    assert thread is not None
+    assert derive_ahead("guessed", [SMALL])
     other_salt = (bytes(16), *SMALL[1:])
     other_cost = (SALT, 2048, 8, 1)
     for passphrase, params in (("not guessed", SMALL), ("guessed", other_salt),
@@ -56,11 +57,10 @@ def test_other_inputs_than_the_guess_are_derived_afresh(
     assert _ahead_taken(caplog) == 0
     assert scrypt("guessed", *SMALL) == _openssl("guessed", *SMALL)
     assert _ahead_taken(caplog) == 1
-    thread.join()
 
 
 def test_parameters_scrypt_refuses_are_not_derived_ahead() -> None:
-    assert derive_ahead("refused", [(SALT, 3, 8, 1), (SALT, 1 << 30, 8, 1)]) is None
+    assert not derive_ahead("refused", [(SALT, 3, 8, 1), (SALT, 1 << 30, 8, 1)])
     with pytest.raises(ValueError):
         scrypt("refused", SALT, 3, 8, 1)
 
@@ -74,6 +74,7 @@ def test_parameters_scrypt_refuses_are_not_derived_ahead() -> None:
     (["--repository", "x", "snapshots"], None),
     (["tag", "--", "-r", "/srv/repo"], None),  # after --, no option
     (["snapshots", "-r"], None),
+    (["-r", "/first", "snapshots", "-r", "/last"], "/last"),  # click takes the last
 ])
 def test_the_repository_option_is_read_as_click_reads_it(argv: list[str],
                                                           expected: str | None) -> None:
@@ -173,16 +174,100 @@ def test_commands_take_the_key_derived_ahead_and_a_wrong_guess_changes_nothing(
                     env={"VMREPO_PASSWORD_FILE": str(work / "wrong")})
     assert wrong.returncode == exitcodes.WRONG_PASSPHRASE
     assert wrong.stderr.startswith("vmrepo: error: wrong passphrase")
-    # A guess for another repository than the one the command opens: the command opens its
-    # own, by its own passphrase.
-    other = work / "other"
+    # A guess that hits a repository the command opens by another passphrase (a remote of
+    # that name with its own password file, in the directory the guess reads): the result
+    # derived ahead from $VMREPO_PASSWORD_FILE is not taken, the remote's passphrase opens.
     (work / "other-pass").write_text("another passphrase\n")
-    run_cli("-r", str(other), "init", "--encryption", "aes-256-gcm",
+    run_cli("-r", "offsite", "init", "--encryption", "aes-256-gcm", cwd=work,
             env={"VMREPO_PASSWORD_FILE": str(work / "other-pass")})
     (work / "vmrepo.toml").write_text(
-        f'repository = "{repo}"\n[remote.offsite]\nrepository = "{other}"\n'
+        f'repository = "{repo}"\n[remote.offsite]\nrepository = "offsite"\n'
         f'password_file = "{work / "other-pass"}"\n')
-    listed = run_json("-r", "offsite", "snapshots", cwd=work)
-    assert listed["snapshots"] == []
+    assert ahead.scrypt_params(str(work / "offsite"))  # what the guess reads for -r offsite
+    listed = run_cli("-vv", "-r", "offsite", "snapshots", "--json", cwd=work)
+    assert json.loads(listed.stdout)["snapshots"] == []
+    assert "derived ahead" not in listed.stderr
     copied = run_cli("-vv", "copy", "--to", "offsite", cwd=work)
     assert copied.stderr.count("derived ahead") == 1  # the main repository's
+
+
+def test_a_passphrase_on_a_pipe_is_read_once_by_the_command(repo: Path) -> None:
+    """A password "file" that is a pipe is not read ahead: the command reads it."""
+    res = subprocess.run([vmrepo_bin(), "-vv", "-r", str(repo), "snapshots"],
+                         input=PASSPHRASE + "\n", capture_output=True, text=True, timeout=60,
+                         env={**os.environ, "VMREPO_PASSWORD_FILE": "/dev/stdin"})
+    assert res.returncode == 0, res.stderr
+    assert "derived ahead" not in res.stderr
+
+
+def test_damaged_key_records_change_nothing_a_command_does(repo: Path) -> None:
+    """Records the guess cannot use (a cost it cannot hold, a pipe) leave each command as
+    it was: no traceback, no hang, the same exit."""
+    keys_dir = repo / KEY_PREFIX
+    # Named to come first: unlocking meets it before the real record.
+    (keys_dir / ("0" * 32)).write_bytes(b"\x00" + msgpack.packb(
+        {"v": 1, "id": "0" * 32, "created": "2026-01-01T00:00:00+00:00", "host": "h",
+         "kdf": {"algorithm": "scrypt", "salt": bytes(16), "n": float("inf"), "r": 8,
+                 "p": 1}, "sealed": bytes(48)}))
+    # A pipe is not opened by the guess (a command that reads keys/ would wait on it, as
+    # it always has; --version reads nothing).
+    os.mkfifo(keys_dir / ("e" * 32))
+    assert run_cli("-r", str(repo), "--version").returncode == 0
+    assert len(ahead.scrypt_params(str(repo))) == 1
+    (keys_dir / ("e" * 32)).unlink()
+    listed = run_cli("-vv", "-r", str(repo), "snapshots")
+    assert "derived ahead" in listed.stderr and "Traceback" not in listed.stderr
+
+
+def test_keys_of_several_passphrases_are_derived_in_the_order_unlocking_tries_them(
+        repo: Path) -> None:
+    work = repo.parent
+    for name in ("second", "third"):
+        (work / name).write_text(f"passphrase {name}\n")
+        run_cli("-r", str(repo), "key", "add", cwd=work,
+                env={"VMREPO_NEW_PASSWORD_FILE": str(work / name)})
+    records = sorted(p.name for p in (repo / KEY_PREFIX).iterdir())
+    params = ahead.scrypt_params(str(repo))
+    assert len(params) == 3
+    for name, (salt, *_) in zip(records, params, strict=True):
+        assert salt in (repo / KEY_PREFIX / name).read_bytes()
+    # Whichever record a passphrase opens, the records before it are tried first, each
+    # with a key derived ahead, and the command opens the repository.
+    for name in ("pass", "second", "third"):
+        res = run_cli("-vv", "-r", str(repo), "snapshots", cwd=work,
+                      env={"VMREPO_PASSWORD_FILE": str(work / name)})
+        assert "derived ahead" in res.stderr
+
+
+def test_keys_derived_ahead_come_in_any_order_asked() -> None:
+    first, second = (b"1" * 16, 1024, 8, 1), (b"2" * 16, 1024, 8, 2)
+    assert derive_ahead("two records", [first, second, first])
+    assert scrypt("two records", *second) == _openssl("two records", *second)
+    assert scrypt("two records", *first) == _openssl("two records", *first)
+
+
+def test_a_derivation_nobody_takes_is_stopped_when_the_command_exits() -> None:
+    """The child deriving ahead is killed and waited for at exit: no process outlives the
+    command, even one whose guess did not apply."""
+    script = ("from vmrepo import passphrase\n"
+              "assert passphrase.derive_ahead('unused', [(bytes(16), 1 << 17, 8, 1)])\n"
+              "print(passphrase._children[0].pid)\n")
+    res = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
+                         timeout=60, check=True)
+    pid = int(res.stdout)
+    # scrypt at 128 MiB runs for some 0.3 s: a child left running would still be there.
+    assert not Path(f"/proc/{pid}").exists()
+
+
+def test_deriving_ahead_leaves_the_command_one_malloc_arena() -> None:
+    """The derivation runs outside the command's process: no thread of its own that would
+    leave glibc a second arena (a server keeps one: docs/benchmarks.md)."""
+    script = ("import ctypes\n"
+              "from vmrepo import passphrase\n"
+              f"params = {SMALL!r}\n"
+              "assert passphrase.derive_ahead('arena', [params])\n"
+              "passphrase.scrypt('arena', *params)\n"
+              "ctypes.CDLL('libc.so.6').malloc_stats()\n")
+    res = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
+                         timeout=60, check=True)
+    assert res.stderr.count("Arena ") == 1, res.stderr

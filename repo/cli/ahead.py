@@ -12,19 +12,22 @@ It is a guess: the command itself still resolves its repository and passphrase t
 way (config file, remotes, key files, a prompt) and reads the key records again;
 :func:`vmrepo.passphrase.scrypt` takes a result derived ahead only for the very same
 passphrase, salt and parameters. A guess that does not apply (another repository, a remote,
-a command that opens none) costs one scrypt's CPU on a thread nobody waits for; nothing
-that fails here is reported, as the command reports it in its own words.
+a command that opens none) costs scrypt's CPU for each passphrase record, on the other core
+in a child process that is stopped once the command has its key or exits. Files are read
+ahead only when they are regular files (a passphrase on a pipe is read once, by the
+command); nothing that fails here is reported, as the command meets it again and reports it
+in its own words.
 """
 
 from __future__ import annotations
 
 import os
+import stat
 from collections.abc import Mapping, Sequence
 
 import msgpack
 
 from ..configfile import find_config
-from ..errors import NoPassphrase
 from ..format import ENVELOPE_PLAIN, KEY_PREFIX, parse_hex_name
 from ..passphrase import Params, derive_ahead, passphrase_from_env
 
@@ -33,18 +36,21 @@ _RECORD_MAX = 64 << 10
 
 
 def option_value(argv: Sequence[str], *names: str) -> str | None:
-    """The value the first of ``names`` (``-r``, ``--repo``) is given on the command line
-    (``-r X``, ``-rX``, ``--repo X``, ``--repo=X``), as click would read it; None if none."""
-    for i, arg in enumerate(argv):
+    """The value the last of ``names`` (``-r``, ``--repo``) is given on the command line
+    (``-r X``, ``-rX``, ``--repo X``, ``--repo=X``), as click reads it (the last one given
+    wins); None if none."""
+    value = None
+    args = iter(argv)
+    for arg in args:
         if arg == "--":
             break
         for name in names:
-            if arg == name:
-                return argv[i + 1] if i + 1 < len(argv) else None
             joined = name + "=" if name.startswith("--") else name
-            if arg.startswith(joined) and not (joined == name and arg.startswith("--")):
-                return arg[len(joined):]
-    return None
+            if arg == name:
+                value = next(args, None)
+            elif arg.startswith(joined) and not (joined == name and arg.startswith("--")):
+                value = arg[len(joined):]
+    return value
 
 
 def repository_argument(argv: Sequence[str], env: Mapping[str, str]) -> str | None:
@@ -55,7 +61,7 @@ def repository_argument(argv: Sequence[str], env: Mapping[str, str]) -> str | No
     if named:
         return named
     path = find_config(option_value(argv, "--config"), env)
-    if path is None:
+    if path is None or not _regular_file(str(path)):
         return None
     import tomllib
 
@@ -71,45 +77,67 @@ def local_directory(location: str) -> str | None:
     """The directory of a local repository's location (a path or ``file://``); None for
     other schemes."""
     if location.startswith("file://"):
-        return location[len("file://"):] or None
-    return None if "://" in location else location
+        path = location[len("file://"):]
+        return path if path.startswith("/") else None
+    return None if "://" in location else location or None
+
+
+def _regular_file(path: str) -> bool:
+    """Whether ``path`` is a regular file: a pipe, a terminal or a device is read once,
+    by the command, never by a guess."""
+    try:
+        return stat.S_ISREG(os.stat(path).st_mode)
+    except (OSError, ValueError):
+        return False
 
 
 def scrypt_params(directory: str) -> list[Params]:
     """The scrypt parameters of the passphrase key records in a local repository's
-    ``keys/``, in name order; records that cannot be read are left out."""
+    ``keys/``, in the order unlocking tries them (by name). A lenient reading: a record
+    the command then refuses costs a derivation, nothing else; anything but a regular
+    file is left alone (a pipe or a device is not opened)."""
     params = []
     keys_dir = os.path.join(directory, KEY_PREFIX)
     for name in sorted(os.listdir(keys_dir)):
         if parse_hex_name(name, "", 32) is None:
             continue
         try:
-            with open(os.path.join(keys_dir, name), "rb") as f:
-                raw = f.read(_RECORD_MAX + 1)
-            if not raw or raw[0] != ENVELOPE_PLAIN or len(raw) > _RECORD_MAX:
+            fd = os.open(os.path.join(keys_dir, name),
+                         os.O_RDONLY | os.O_NONBLOCK | os.O_NOFOLLOW | os.O_CLOEXEC)
+        except OSError:
+            continue
+        with os.fdopen(fd, "rb") as f:
+            if not stat.S_ISREG(os.fstat(fd).st_mode):
                 continue
+            raw = f.read(_RECORD_MAX + 1)
+        if not raw or raw[0] != ENVELOPE_PLAIN or len(raw) > _RECORD_MAX:
+            continue
+        try:
             kdf = msgpack.unpackb(raw[1:], raw=False, strict_map_key=False)["kdf"]
             if kdf["algorithm"] == "scrypt" and isinstance(kdf["salt"], bytes):
                 params.append((kdf["salt"], int(kdf["n"]), int(kdf["r"]), int(kdf["p"])))
-        except (OSError, ValueError, TypeError, KeyError, msgpack.UnpackException):
+        except (ValueError, TypeError, KeyError, OverflowError, msgpack.UnpackException):
             continue
     return params
 
 
 def start(argv: Sequence[str], env: Mapping[str, str]) -> bool:
     """Derive ahead the key of the repository and passphrase the command line names, if
-    it names both and the repository is local; whether a derivation started."""
-    if env.get("VMREPO_KEY_FILE") or not env.get("VMREPO_PASSWORD_FILE"):
-        return False
-    location = repository_argument(argv, env)
-    directory = local_directory(location) if location else None
-    if directory is None:
-        return False
+    it names both, the repository is local and the passphrase file a regular file; whether
+    a derivation started. Never raises: whatever goes wrong here, the command meets again
+    and reports in its own words."""
     try:
+        password_file = env.get("VMREPO_PASSWORD_FILE")
+        if env.get("VMREPO_KEY_FILE") or not password_file or not _regular_file(password_file):
+            return False
+        location = repository_argument(argv, env)
+        directory = local_directory(location) if location else None
+        if directory is None:
+            return False
         params = scrypt_params(directory)
-        passphrase = passphrase_from_env({"VMREPO_PASSWORD_FILE": env["VMREPO_PASSWORD_FILE"]})
-    except (OSError, NoPassphrase):
+        passphrase = passphrase_from_env({"VMREPO_PASSWORD_FILE": password_file})
+        if not passphrase or not params:
+            return False
+        return derive_ahead(passphrase, params)
+    except Exception:  # noqa: BLE001 - a guess: the command itself reports any of this
         return False
-    if not passphrase or not params:
-        return False
-    return derive_ahead(passphrase, params) is not None
