@@ -30,6 +30,8 @@ KNOWN_FEATURES: frozenset[str] = frozenset({OBJECT_LOCK})
 #: A record's first byte (its envelope): a plain msgpack map follows, or that map sealed.
 ENVELOPE_PLAIN = 0x00
 ENVELOPE_SEALED = 0x01
+#: The version of the key records this vmrepo writes (and the newest it reads).
+KEY_VERSION = 1
 
 ID_SIZE = 32
 ZERO_ID = bytes(ID_SIZE)  # marks an all-zero chunk in a manifest page

@@ -43,11 +43,10 @@ from .errors import (
     KeyNotFound,
     WrongPassphrase,
 )
-from .format import KEY_PREFIX, key_key, parse_hex_name
-from .passphrase import scrypt, stop_ahead
+from .format import KEY_PREFIX, KEY_VERSION, key_key, parse_hex_name
+from .passphrase import record_params, scrypt, stop_ahead
 from .store import RepoStore
 
-KEY_VERSION = 1
 #: scrypt cost: 2**16 x 128 x 8 bytes = 64 MiB of memory per attempt.
 SCRYPT_N, SCRYPT_R, SCRYPT_P = 1 << 16, 8, 1
 #: The ``kdf`` algorithm of a key file's record: its 32-byte secret seals the master key.
@@ -280,7 +279,8 @@ def _records(store: RepoStore) -> list[tuple[KeyInfo, dict[str, Any]]]:
         except ObjectNotFound:
             continue
         except _UNREADABLE as exc:
-            store.problem(obj.key, f"unreadable key record, ignored ({exc})")
+            why = f"its field {exc} is missing" if isinstance(exc, KeyError) else str(exc)
+            store.problem(obj.key, f"damaged key record, ignored ({why})")
             continue
         out.append((info, rec))
     return out
@@ -310,14 +310,13 @@ def unlock(store: RepoStore, repository_id: str, passphrase: str) -> tuple[Maste
     # By id (the record's name): the order in which the command line derives them ahead.
     for info, rec in sorted(records, key=lambda record: record[0].id):
         try:
-            kdf = rec["kdf"]
-            if kdf.get("algorithm") != "scrypt":
+            params = record_params(rec)
+            if params is None:
                 continue
-            kek = scrypt(passphrase, bytes(kdf["salt"]), int(kdf["n"]), int(kdf["r"]),
-                         int(kdf["p"]))
+            kek = scrypt(passphrase, *params)
             raw = ChaCha20Poly1305(kek).decrypt(_NONCE, bytes(rec["sealed"]),
                                                _aad(repository_id))
-        except (InvalidTag, KeyError, TypeError, ValueError, OverflowError):
+        except (InvalidTag, KeyError, TypeError, ValueError, OverflowError, AttributeError):
             continue  # a damaged or hostile record (n = inf, say) opens nothing
         stop_ahead()
         return MasterKey.from_raw(raw), info

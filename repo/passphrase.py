@@ -15,10 +15,12 @@ from __future__ import annotations
 
 import atexit
 import contextlib
+import ctypes
 import os
 import signal
 import threading
 from collections.abc import Mapping, Sequence
+from typing import Any, NoReturn
 
 from .errors import NoPassphrase
 
@@ -26,6 +28,9 @@ from .errors import NoPassphrase
 #: exhaust the host): ``256 * n * r`` bytes (its 128 n r byte array, twice over) below
 #: 2 GiB, the bound OpenSSL's scrypt was given before libsodium's computed it.
 SCRYPT_MAX_MEMORY = (1 << 31) - 1
+
+#: prctl(2): a signal the child gets when its parent dies.
+_PR_SET_PDEATHSIG = 1
 
 #: scrypt's parameters after the passphrase: salt, n, r, p.
 Params = tuple[bytes, int, int, int]
@@ -74,11 +79,12 @@ class _Child:
         return record
 
     def reap(self, stop: bool = False) -> None:
-        """Close the pipe and wait for the child (killed first if ``stop``)."""
-        if self.fd is None:
+        """Close the pipe and wait for the child (killed first if ``stop``); once."""
+        fd, self.fd = self.fd, None
+        if fd is None:
             return
-        os.close(self.fd)
-        self.fd = None
+        with contextlib.suppress(OSError):
+            os.close(fd)
         with contextlib.suppress(OSError):
             if stop:
                 os.kill(self.pid, signal.SIGKILL)
@@ -98,9 +104,11 @@ def stop_ahead() -> None:
     with _ahead_lock:
         _ahead.clear()
         children = list(_children)
+        _children.clear()
     for child in children:
         with child.lock:
             child.reap(stop=True)
+            child.keys.clear()
 
 
 def passphrase_from_env(env: Mapping[str, str]) -> str | None:
@@ -135,6 +143,17 @@ def _bound(n: int, r: int, p: int) -> int:
     if bound > SCRYPT_MAX_MEMORY:
         raise ValueError(f"scrypt parameters n={n} r={r} p={p} need more than 2 GiB")
     return bound
+
+
+def record_params(record: Mapping[str, Any]) -> Params | None:
+    """The scrypt parameters a passphrase is tried with on a key record (None for a record
+    no passphrase opens: a key file's); KeyError, TypeError, ValueError, OverflowError or
+    AttributeError for a damaged one. Unlocking and the guess made ahead both read records
+    through it, so they try the same ones."""
+    kdf = record["kdf"]
+    if kdf.get("algorithm") != "scrypt":
+        return None
+    return bytes(kdf["salt"]), int(kdf["n"]), int(kdf["r"]), int(kdf["p"])
 
 
 def _derive(passphrase: str, salt: bytes, n: int, r: int, p: int) -> bytes:
@@ -175,6 +194,34 @@ def scrypt(passphrase: str, salt: bytes, n: int, r: int, p: int) -> bytes:
     return _derive(passphrase, salt, n, r, p)
 
 
+#: Signals held back while the child is made (the CLI's interrupts).
+_HELD = {signal.SIGINT, signal.SIGTERM}
+
+
+def _child(prctl: Any, parent: int, read_end: int, write_end: int, passphrase: str,
+           todo: Sequence[Params], held: Any) -> NoReturn:
+    """The child of :func:`derive_ahead`: derive, send, and exit without ever running the
+    parent's code; killed with the parent (``PR_SET_PDEATHSIG``)."""
+    status = 1
+    try:
+        for number in _HELD:
+            signal.signal(number, signal.SIG_DFL)
+        if prctl is not None:
+            prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+        if os.getppid() == parent:  # else the parent is gone already
+            signal.pthread_sigmask(signal.SIG_SETMASK, held)
+            os.close(read_end)
+            for salt, n, r, p in todo:
+                try:
+                    record = b"\x01" + _derive(passphrase, salt, n, r, p)
+                except Exception:  # noqa: BLE001 - the parent derives afresh, and reports
+                    record = bytes(_Child.RECORD)
+                os.write(write_end, record)
+            status = 0
+    finally:
+        os._exit(status)
+
+
 def derive_ahead(passphrase: str, params: Sequence[Params]) -> bool:
     """Start scrypt of ``passphrase`` for each of ``params`` in turn, in a child process
     (``fork``: call it before the program starts threads), for :func:`scrypt` to take;
@@ -194,32 +241,31 @@ def derive_ahead(passphrase: str, params: Sequence[Params]) -> bool:
         # Imported before the fork: the child must not import (another thread's import in
         # progress would hold the import lock in the child for good).
         from nacl import bindings  # noqa: F401
+        from vmrepo.storage import libc
 
-        read_end, write_end = os.pipe()
+        prctl = libc.function("prctl", [ctypes.c_int, ctypes.c_ulong, ctypes.c_ulong,
+                                        ctypes.c_ulong, ctypes.c_ulong])
+        parent = os.getpid()
+        # No Ctrl-C or SIGTERM between the pipe and the child's registration: one there would
+        # leak the pipe and the child, or run the caller's code in the child.
+        held = signal.pthread_sigmask(signal.SIG_BLOCK, _HELD)
         try:
-            pid = os.fork()
-        except OSError:
-            os.close(read_end)
-            os.close(write_end)
-            return False
-        if pid == 0:  # the child: derive, send, exit without running the parent's code
-            status = 1
+            read_end, write_end = os.pipe()
             try:
+                pid = os.fork()
+            except OSError:
                 os.close(read_end)
-                for salt, n, r, p in todo:
-                    try:
-                        record = b"\x01" + _derive(passphrase, salt, n, r, p)
-                    except Exception:  # noqa: BLE001 - the parent derives afresh, and reports
-                        record = bytes(_Child.RECORD)
-                    os.write(write_end, record)
-                status = 0
-            finally:
-                os._exit(status)
-        os.close(write_end)
-        child = _Child(pid, read_end, len(todo))
-        if not _children:
-            atexit.register(stop_ahead)
-        _children.append(child)
-        for index, params_ in enumerate(todo):
-            _ahead[passphrase, params_] = (child, index)
+                os.close(write_end)
+                return False
+            if pid == 0:
+                _child(prctl, parent, read_end, write_end, passphrase, todo, held)
+            os.close(write_end)
+            child = _Child(pid, read_end, len(todo))
+            if not _children:
+                atexit.register(stop_ahead)
+            _children.append(child)
+            for index, params_ in enumerate(todo):
+                _ahead[passphrase, params_] = (child, index)
+        finally:
+            signal.pthread_sigmask(signal.SIG_SETMASK, held)
     return True

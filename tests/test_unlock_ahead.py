@@ -16,6 +16,7 @@ import msgpack
 import pytest
 from vmrepo import exitcodes
 from vmrepo.cli import ahead
+from vmrepo.errors import WrongPassphrase
 from vmrepo.format import KEY_PREFIX
 from vmrepo.passphrase import derive_ahead, scrypt
 
@@ -27,7 +28,8 @@ PASSPHRASE = "correct horse battery staple"
 
 
 def _openssl(passphrase: str, salt: bytes, n: int, r: int, p: int) -> bytes:
-    return hashlib.scrypt(passphrase.encode(), salt=salt, n=n, r=r, p=p, dklen=32)
+    return hashlib.scrypt(passphrase.encode(), salt=salt, n=n, r=r, p=p, dklen=32,
+                          maxmem=256 * n * r + (1 << 20))
 
 
 def _ahead_taken(caplog: pytest.LogCaptureFixture) -> int:
@@ -135,20 +137,28 @@ def test_the_passphrase_records_parameters_are_read_and_others_skipped(repo: Pat
     assert ahead.scrypt_params(str(repo)) == [(salt, SCRYPT_N, SCRYPT_R, SCRYPT_P)]
 
 
-def _guessed(repo: Path, argv: list[str], env: dict[str, str]) -> bool:
-    """Whether :func:`ahead.start` started a derivation; one started is taken at once (a
-    derivation already pending is not started again)."""
+def _guessed(repo: Path, argv: list[str], env: dict[str, str],
+             caplog: pytest.LogCaptureFixture) -> bool:
+    """Whether :func:`ahead.start` started a derivation; one started is taken at once, and
+    must give the key (a derivation already pending is not started again)."""
     started = ahead.start(argv, env)
     if started:
-        scrypt(PASSPHRASE, *ahead.scrypt_params(str(repo))[0])
+        before = _ahead_taken(caplog)
+        params = ahead.scrypt_params(str(repo))[0]
+        assert scrypt(PASSPHRASE, *params) == _openssl(PASSPHRASE, *params)
+        assert _ahead_taken(caplog) == before + 1
     return started
 
 
-def test_a_guess_starts_only_for_a_local_repository_and_a_passphrase_file(repo: Path) -> None:
+def test_a_guess_starts_only_for_a_local_repository_and_a_passphrase_file(
+        repo: Path, caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.DEBUG, logger="vmrepo.passphrase")
     env = {"VMREPO_PASSWORD_FILE": os.environ["VMREPO_PASSWORD_FILE"]}
-    assert _guessed(repo, ["-r", str(repo), "snapshots"], env)
-    assert _guessed(repo, ["snapshots"], {**env, "VMREPO_REPOSITORY": f"file://{repo}"})
+    assert _guessed(repo, ["-r", str(repo), "snapshots"], env, caplog)
+    assert _guessed(repo, ["snapshots"], {**env, "VMREPO_REPOSITORY": f"file://{repo}"},
+                    caplog)
     assert not ahead.start(["-r", str(repo)], {**env, "VMREPO_KEY_FILE": "/k"})
+    assert not ahead.start(["-r", f"file://{repo.relative_to(repo.parent)}"], env)
     assert not ahead.start(["-r", str(repo)], {"VMREPO_PASSWORD_COMMAND": "echo x"})
     assert not ahead.start(["-r", str(repo.parent / "none")], env)
     assert not ahead.start(["-r", str(repo.parent)], env)  # a directory without keys/
@@ -271,3 +281,77 @@ def test_deriving_ahead_leaves_the_command_one_malloc_arena() -> None:
     res = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
                          timeout=60, check=True)
     assert res.stderr.count("Arena ") == 1, res.stderr
+
+
+def _add_record(repo: Path, key_id: str, **changes: object) -> None:
+    """A passphrase key record written by hand (what unlocking reads of one), ``changes``
+    applied (None removes a field)."""
+    record: dict[str, object] = {
+        "v": 1, "id": key_id, "created": "2026-01-01T00:00:00+00:00", "host": "h",
+        "label": "", "kdf": {"algorithm": "scrypt", "salt": bytes(16), "n": 1024, "r": 8,
+                             "p": 1}, "sealed": bytes(48)}
+    record.update(changes)
+    record = {k: v for k, v in record.items() if v is not None}
+    (repo / KEY_PREFIX / key_id).write_bytes(b"\x00" + msgpack.packb(record))
+
+
+def test_the_guess_derives_what_unlocking_tries_in_its_order(
+        repo: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The records derived ahead are those unlocking runs scrypt on, in the same order;
+    records it passes over are not derived."""
+    from vmrepo import keys
+    from vmrepo.repository import Repository
+    from vmrepo.storage.local import LocalBackend
+
+    _add_record(repo, "0" * 32)  # tried first, opens nothing
+    _add_record(repo, "1" * 32, host=None)  # unreadable: passed over
+    _add_record(repo, "2" * 32, v=2)  # too new: passed over
+    _add_record(repo, "3" * 32, kdf={"algorithm": "none"})  # a key file's
+    _add_record(repo, "f" * 32, kdf={"algorithm": "scrypt", "salt": b"z" * 16, "n": 2048,
+                                     "r": 8, "p": 1})  # tried last, if at all
+    tried: list[tuple[bytes, int, int, int]] = []
+
+    def recording(passphrase: str, *params: object) -> bytes:
+        tried.append(params)  # type: ignore[arg-type]
+        return scrypt(passphrase, *params)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(keys, "scrypt", recording)
+    with pytest.raises(WrongPassphrase):
+        Repository.open(LocalBackend(repo), passphrase=lambda _rid: "not it")
+    assert tried == ahead.scrypt_params(str(repo))
+    assert len(tried) == 3
+
+
+def test_the_child_is_stopped_as_soon_as_the_key_is_open(repo: Path) -> None:
+    """A record after the one that opens, expensive to derive: once the repository is open
+    the child deriving ahead is gone, not left running beside the command."""
+    _add_record(repo, "f" * 32, kdf={"algorithm": "scrypt", "salt": bytes(16),
+                                     "n": 1 << 18, "r": 8, "p": 1})
+    script = ("import os, sys\n"
+              "from vmrepo import passphrase\n"
+              "from vmrepo.cli import ahead\n"
+              f"assert ahead.start(['-r', {str(repo)!r}], os.environ)\n"
+              "pid = passphrase._children[0].pid\n"
+              "from vmrepo.repository import Repository\n"
+              "from vmrepo.storage.local import LocalBackend\n"
+              f"Repository.open(LocalBackend({str(repo)!r}), passphrase=lambda _: "
+              f"{PASSPHRASE!r})\n"
+              "print(os.path.exists(f'/proc/{pid}'), flush=True)\n"
+              "os._exit(0)\n")  # no exit handlers: the check is of unlocking alone
+    res = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
+                         timeout=60, check=True)
+    assert res.stdout.strip() == "False"
+
+
+def test_a_key_record_missing_a_field_is_called_damaged(repo: Path) -> None:
+    """A bit flipped in a field's name leaves the record without it: the warning says the
+    record is damaged and which field it lacks, and the error that no record is left."""
+    (record,) = (repo / KEY_PREFIX).iterdir()
+    fields = msgpack.unpackb(record.read_bytes()[1:])
+    del fields["host"]
+    record.write_bytes(b"\x00" + msgpack.packb(fields))
+    res = run_cli("-r", str(repo), "snapshots", check=False)
+    assert res.returncode == exitcodes.INTEGRITY
+    assert f"keys/{record.name}: damaged key record, ignored (its field 'host' is missing)" \
+        in res.stderr
+    assert "holds no readable key record" in res.stderr and "Traceback" not in res.stderr

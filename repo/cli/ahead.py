@@ -28,11 +28,13 @@ from collections.abc import Mapping, Sequence
 import msgpack
 
 from ..configfile import find_config
-from ..format import ENVELOPE_PLAIN, KEY_PREFIX, parse_hex_name
-from ..passphrase import Params, derive_ahead, passphrase_from_env
+from ..format import ENVELOPE_PLAIN, KEY_PREFIX, KEY_VERSION, parse_hex_name
+from ..passphrase import Params, derive_ahead, passphrase_from_env, record_params
 
 #: A key record is a few hundred bytes; anything much larger is not one.
 _RECORD_MAX = 64 << 10
+#: What unlocking needs of every key record before it tries one (``keys._info``).
+_RECORD_FIELDS = frozenset({"id", "created", "host", "kdf"})
 
 
 def option_value(argv: Sequence[str], *names: str) -> str | None:
@@ -93,12 +95,13 @@ def _regular_file(path: str) -> bool:
 
 def scrypt_params(directory: str) -> list[Params]:
     """The scrypt parameters of the passphrase key records in a local repository's
-    ``keys/``, in the order unlocking tries them (by name). A lenient reading: a record
-    the command then refuses costs a derivation, nothing else; anything but a regular
-    file is left alone (a pipe or a device is not opened)."""
-    params = []
+    ``keys/`` that unlocking would try, in the order it tries them (by id). Records it
+    would pass over are left out: not a plain map of a version this vmrepo reads, without
+    the fields every key record has, or not opened by a passphrase. Anything but a
+    regular file is left alone (a pipe or a device is not opened)."""
+    found = []
     keys_dir = os.path.join(directory, KEY_PREFIX)
-    for name in sorted(os.listdir(keys_dir)):
+    for name in os.listdir(keys_dir):
         if parse_hex_name(name, "", 32) is None:
             continue
         try:
@@ -113,12 +116,18 @@ def scrypt_params(directory: str) -> list[Params]:
         if not raw or raw[0] != ENVELOPE_PLAIN or len(raw) > _RECORD_MAX:
             continue
         try:
-            kdf = msgpack.unpackb(raw[1:], raw=False, strict_map_key=False)["kdf"]
-            if kdf["algorithm"] == "scrypt" and isinstance(kdf["salt"], bytes):
-                params.append((kdf["salt"], int(kdf["n"]), int(kdf["r"]), int(kdf["p"])))
-        except (ValueError, TypeError, KeyError, OverflowError, msgpack.UnpackException):
+            record = msgpack.unpackb(raw[1:], raw=False, strict_map_key=False)
+            version = record["v"]
+            if (not isinstance(version, int) or isinstance(version, bool)
+                    or version > KEY_VERSION or not record.keys() >= _RECORD_FIELDS):
+                continue
+            params = record_params(record)
+        except (ValueError, TypeError, KeyError, OverflowError, AttributeError,
+                msgpack.UnpackException):
             continue
-    return params
+        if params is not None:
+            found.append((str(record["id"]), params))
+    return [params for _, params in sorted(found, key=lambda found: found[0])]
 
 
 def start(argv: Sequence[str], env: Mapping[str, str]) -> bool:
