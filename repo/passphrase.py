@@ -111,6 +111,9 @@ def stop_ahead() -> None:
             child.keys.clear()
 
 
+atexit.register(stop_ahead)  # a child nobody asked of is stopped when the program ends
+
+
 def passphrase_from_env(env: Mapping[str, str]) -> str | None:
     """The passphrase from ``VMREPO_PASSWORD_FILE`` (its first line) or the first line
     ``VMREPO_PASSWORD_COMMAND`` prints; None if neither is set."""
@@ -261,8 +264,6 @@ def derive_ahead(passphrase: str, params: Sequence[Params]) -> bool:
                 _child(prctl, parent, read_end, write_end, passphrase, todo, held)
             os.close(write_end)
             child = _Child(pid, read_end, len(todo))
-            if not _children:
-                atexit.register(stop_ahead)
             _children.append(child)
             for index, params_ in enumerate(todo):
                 _ahead[passphrase, params_] = (child, index)
